@@ -1,0 +1,9 @@
+"""moderncnn: the modern CNN family (AlexNet, VGG, NiN, GoogLeNet, ResNet, DenseNet) by name --
+see it, train it, compare it, export it."""
+__version__ = "0.1.0"
+
+from .models import create_model, list_models, register_model, UnknownModelError, InputTooSmallError
+from .report.summary import summary
+
+__all__ = ["__version__", "create_model", "list_models", "register_model", "summary",
+           "UnknownModelError", "InputTooSmallError"]

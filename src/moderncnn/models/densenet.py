@@ -1,0 +1,302 @@
+"""DenseNet and DenseNet-BC (Huang, Liu, van der Maaten & Weinberger, "Densely Connected Convolutional
+Networks", CVPR 2017), torchvision-compatible for 121/161/169/201, plus the CIFAR networks of the
+paper (DenseNet L=40 k=12; DenseNet-BC L=100 k=12) and the DenseNet of Dive into Deep Learning 7.7.
+
+Every layer sees the concatenation of all earlier feature maps of its block, normalised and activated
+first (pre-activation BN-ReLU-Conv). The -BC form adds a 1x1 bottleneck (``bn_size * growth_rate``
+channels) and compresses channels by ``compression`` in each transition.
+
+``memory_efficient=True`` does not keep the concatenated inputs of each layer for the backward pass:
+the cheap concat-BN-ReLU is recomputed there instead (Pleiss et al., "Memory-Efficient Implementation
+of DenseNets", 2017). Outputs and gradients equal the normal mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .layers import CSPStage, ImageClassifier
+from .registry import register_model
+
+__all__ = ["DenseNet", "DenseBlock", "Transition", "densenet_d2l", "densenet40", "densenet_bc_100",
+           "densenet121", "densenet161", "densenet169", "densenet201", "densenet264"]
+
+
+class _ConcatNormReLUConv(torch.autograd.Function):
+    """``conv(relu(batch_norm(cat(inputs))))`` that keeps none of its intermediates for backward.
+
+    Generic checkpointing would run BatchNorm twice in training and update its running statistics
+    twice; here forward updates them once and backward recomputes the normalisation from the batch
+    (exactly what forward used), then differentiates the local graph.
+    """
+
+    @staticmethod
+    def forward(ctx, norm_weight, norm_bias, running_mean, running_var, conv_weight, conv_bias,
+                training: bool, momentum: float, eps: float, padding: int, *inputs):
+        x = torch.cat(inputs, 1)
+        x = F.batch_norm(x, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+        out = F.conv2d(F.relu(x, inplace=True), conv_weight, conv_bias, padding=padding)
+        ctx.config = (training, eps, padding)
+        ctx.save_for_backward(norm_weight, norm_bias, conv_weight, conv_bias,
+                              None if training else running_mean.clone(),
+                              None if training else running_var.clone(), *inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        training, eps, padding = ctx.config
+        norm_weight, norm_bias, conv_weight, conv_bias, mean, var, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        leaves = [norm_weight, norm_bias, conv_weight, conv_bias, *inputs]
+        flags = [needs[0], needs[1], needs[4], needs[5], *needs[10:]]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(f) if t is not None else None for t, f in zip(leaves, flags)]
+            nw, nb, cw, cb, *xs = leaves
+            x = F.batch_norm(torch.cat(xs, 1), mean, var, nw, nb, training, 0.0, eps)
+            out = F.conv2d(F.relu(x), cw, cb, padding=padding)
+            wanted = [t for t, f in zip(leaves, flags) if t is not None and f]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        g = [next(grads) if t is not None and f else None for t, f in zip(leaves, flags)]
+        return (g[0], g[1], None, None, g[2], g[3], None, None, None, None, *g[4:])
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) on the concatenated inputs; without a
+    bottleneck (``bn_size=0``) just BN-ReLU-Conv3x3(k)."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
+                 memory_efficient: bool = False, bias: bool = False):
+        super().__init__()
+        self.bottleneck = bn_size > 0
+        first_out = bn_size * growth_rate if self.bottleneck else growth_rate
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, first_out, kernel_size=1 if self.bottleneck else 3,
+                               padding=0 if self.bottleneck else 1, bias=bias)
+        if self.bottleneck:
+            self.norm2 = nn.BatchNorm2d(first_out)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(first_out, growth_rate, kernel_size=3, padding=1, bias=bias)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def concat_norm_conv(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+
+    def concat_norm_conv_efficient(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        norm = self.norm1
+        momentum = norm.momentum if norm.momentum is not None else 0.0
+        use_batch_stats = self.training or norm.running_mean is None
+        if self.training and norm.track_running_stats:
+            norm.num_batches_tracked.add_(1)
+            if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
+                momentum = 1.0 / float(norm.num_batches_tracked)
+        return _ConcatNormReLUConv.apply(norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                         self.conv1.weight, self.conv1.bias, use_batch_stats, momentum,
+                                         norm.eps, self.conv1.padding[0], *inputs)
+
+    def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            out = self.concat_norm_conv_efficient(inputs)
+        else:
+            out = self.concat_norm_conv(*inputs)
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; the output is the input concatenated with every layer's output."""
+
+    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int = 4,
+                 drop_rate: float = 0.0, memory_efficient: bool = False, bias: bool = False):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
+                                                             bn_size, drop_rate, memory_efficient, bias))
+        self.num_output_features = num_input_features + num_layers * growth_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 (compressing channels) -> 2x2 average pool, between dense blocks."""
+
+    def __init__(self, num_input_features: int, num_output_features: int, bias: bool = False, pool: bool = True):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, bias=bias)
+        if pool:
+            self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+def stem_steps(small_input: bool, stem_stride: int = 1):
+    """Down-sampling steps of the DenseNet stems (for the minimum input size)."""
+    return [(3, stem_stride, 1, False)] if small_input else [(7, 2, 3, False), (3, 2, 1, False)]
+
+
+def make_stem(in_chans: int, width: int, small_input: bool, stem_stride: int = 1, bias: bool = False) -> List:
+    """The ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), or a single 3x3 conv for small images
+    (the paper's CIFAR stem; BN-ReLU follows inside the first dense layer)."""
+    if small_input:
+        return [("conv0", nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=bias))]
+    return [
+        ("conv0", nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=bias)),
+        ("norm0", nn.BatchNorm2d(width)),
+        ("relu0", nn.ReLU(inplace=True)),
+        ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+    ]
+
+
+class DenseNet(ImageClassifier):
+    """DenseNet with torchvision's module names (``features.denseblock1.denselayer1.conv1`` ...).
+
+    Args:
+        growth_rate: channels each layer adds (k).
+        block_config: layers per dense block.
+        num_init_features: channels after the stem.
+        bn_size: bottleneck width factor (the "B" of -BC); 0 for no bottleneck.
+        compression: transition channel factor theta (the "C" of -BC); 1.0 keeps all channels.
+        drop_rate: dropout after each dense layer.
+        memory_efficient: recompute concat-BN-ReLU in backward instead of storing it.
+        small_input: a 3x3 conv stem (stride ``stem_stride``) instead of 7x7/2 + max-pool.
+        bias: biased convolutions (d2l's layers); torchvision's have none.
+        cross_stage_partial: if set (e.g. 0.5), each dense block becomes a CSP stage: that fraction of
+            its input channels runs through the block, the rest bypasses it, and the transition fuses
+            both (CSPDenseNet); the last block gets a 1x1 fusion without pooling.
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5,
+                 drop_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
+                 memory_efficient: bool = False, small_input: bool = False, stem_stride: int = 1,
+                 bias: bool = False, cross_stage_partial: float | None = None):
+        if not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        steps = stem_steps(small_input, stem_stride) + [(2, 2, 0, False)] * (len(block_config) - 1)
+        super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
+        self.growth_rate = growth_rate
+        self.features = nn.Sequential()
+        for name, module in make_stem(in_chans, num_init_features, small_input, stem_stride, bias):
+            self.features.add_module(name, module)
+        channels = num_init_features
+        for i, num_layers in enumerate(block_config):
+            last = i == len(block_config) - 1
+            if cross_stage_partial is not None:
+                part = int(channels * cross_stage_partial)
+                block = DenseBlock(num_layers, part, growth_rate, bn_size, drop_rate, memory_efficient, bias)
+                channels += num_layers * growth_rate
+                out = channels if last else int(math.floor(channels * compression))
+                fuse = Transition(channels, out, bias, pool=not last)
+                self.features.add_module(f"cspblock{i + 1}", CSPStage(part, block, fuse))
+                channels = out
+                continue
+            block = DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient, bias)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels = block.num_output_features
+            if not last:
+                out = int(math.floor(channels * compression))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, bias))
+                channels = out
+        self.features.add_module(f"norm{len(block_config) + 1}", nn.BatchNorm2d(channels))
+        self.num_features = channels
+        self.classifier = nn.Linear(channels, num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def memory_efficient(self) -> bool:
+        return any(m.memory_efficient for m in self.modules() if isinstance(m, DenseLayer))
+
+    def set_memory_efficient(self, enabled: bool = True) -> "DenseNet":
+        for m in self.modules():
+            if isinstance(m, DenseLayer):
+                m.memory_efficient = enabled
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        out = F.relu(self.features(x), inplace=True)
+        out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+        return self.classifier(out)
+
+
+def _densenet(growth_rate: int, block_config, num_init_features: int, num_classes: int, in_chans: int,
+              **kwargs) -> DenseNet:
+    return DenseNet(growth_rate, block_config, num_init_features, num_classes=num_classes, in_chans=in_chans,
+                    **kwargs)
+
+
+@register_model
+def densenet_d2l(num_classes: int = 10, in_chans: int = 1, **kwargs) -> DenseNet:
+    """The DenseNet of d2l 7.7: ImageNet stem (64 channels), four blocks of 4 BN-ReLU-Conv3x3 layers,
+    growth 32, no bottleneck, transitions halving channels; biased convolutions; 1x96x96 Fashion-MNIST."""
+    kwargs.setdefault("bn_size", 0)
+    kwargs.setdefault("bias", True)
+    return _densenet(32, (4, 4, 4, 4), 64, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet40(num_classes: int = 10, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet (L=40, k=12) for 32x32 images: 3 blocks of 12 BN-ReLU-Conv3x3 layers, no compression."""
+    kwargs.setdefault("bn_size", 0)
+    kwargs.setdefault("compression", 1.0)
+    kwargs.setdefault("small_input", True)
+    return _densenet(12, (12, 12, 12), 16, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet_bc_100(num_classes: int = 10, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-BC (L=100, k=12) for 32x32 images: 3 blocks of 16 bottleneck layers, theta 0.5 (~0.8M params)."""
+    kwargs.setdefault("small_input", True)
+    return _densenet(12, (16, 16, 16), 24, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet121(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16)."""
+    return _densenet(32, (6, 12, 24, 16), 64, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet161(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 initial features)."""
+    return _densenet(48, (6, 12, 36, 24), 96, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet169(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32)."""
+    return _densenet(32, (6, 12, 32, 32), 64, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet201(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32)."""
+    return _densenet(32, (6, 12, 48, 32), 64, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet264(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
+    """DenseNet-264 (k=32, blocks 6-12-64-48)."""
+    return _densenet(32, (6, 12, 64, 48), 64, num_classes, in_chans, **kwargs)

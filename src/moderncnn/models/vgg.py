@@ -1,0 +1,128 @@
+"""VGG (Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
+ICLR 2015), torchvision-compatible, plus the narrow VGG-11 of Dive into Deep Learning, section 7.2."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layers import ImageClassifier, mlp_head
+from .registry import register_model
+
+__all__ = ["VGG", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vgg_d2l"]
+
+# Each stage: (number of 3x3 convolutions, channels); a 2x2 max-pool closes every stage.
+_CONV_ARCH = {
+    "vgg11": ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+    "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+}
+
+
+class VGG(ImageClassifier):
+    """Stages of 3x3 convolutions, each closed by a 2x2 max-pool, then a 4096-4096 classifier.
+
+    Args:
+        conv_arch: ``(num_convs, channels)`` per stage (d2l's ``conv_arch``).
+        batch_norm: BatchNorm after every convolution (the ``*_bn`` variants).
+        small_input: drop the first stage's max-pool, so 28x28/32x32 images keep a feature map.
+    """
+
+    def __init__(self, conv_arch: Sequence[Tuple[int, int]], num_classes: int = 1000, in_chans: int = 3,
+                 batch_norm: bool = False, hidden: int = 4096, dropout: float = 0.5,
+                 small_input: bool = False):
+        pools = len(conv_arch) - (1 if small_input else 0)
+        super().__init__(num_classes, in_chans, [(2, 2, 0, False)] * pools,
+                         default_size=32 if small_input else 224)
+        layers: List[nn.Module] = []
+        channels = in_chans
+        for stage, (num_convs, width) in enumerate(conv_arch):
+            for _ in range(num_convs):
+                layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU(inplace=True))
+                channels = width
+            if not (small_input and stage == 0):
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = mlp_head(channels * 7 * 7, hidden, num_classes, dropout)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _vgg(arch: str, batch_norm: bool, num_classes: int, in_chans: int, **kwargs) -> VGG:
+    return VGG(_CONV_ARCH[arch], num_classes, in_chans, batch_norm=batch_norm, **kwargs)
+
+
+@register_model
+def vgg11(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-11 (configuration "A")."""
+    return _vgg("vgg11", False, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg13(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-13 (configuration "B")."""
+    return _vgg("vgg13", False, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg16(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-16 (configuration "D")."""
+    return _vgg("vgg16", False, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg19(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-19 (configuration "E")."""
+    return _vgg("vgg19", False, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg11_bn(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-11 with BatchNorm."""
+    return _vgg("vgg11", True, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg13_bn(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-13 with BatchNorm."""
+    return _vgg("vgg13", True, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg16_bn(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-16 with BatchNorm."""
+    return _vgg("vgg16", True, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg19_bn(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> VGG:
+    """VGG-19 with BatchNorm."""
+    return _vgg("vgg19", True, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def vgg_d2l(num_classes: int = 10, in_chans: int = 1, ratio: int = 4, **kwargs) -> VGG:
+    """The VGG-11 of Dive into Deep Learning 7.2: ``conv_arch`` (1,64)...(2,512) with every width divided
+    by ``ratio`` (d2l trains it with ratio 4 on 1x224x224 Fashion-MNIST)."""
+    arch = [(n, width // ratio) for n, width in _CONV_ARCH["vgg11"]]
+    return VGG(arch, num_classes, in_chans, **kwargs)
