@@ -1,0 +1,494 @@
+"""Dataset readers: files -> uint8 image tensor (N x C x H x W), int64 labels, class names.
+
+Whole datasets live in memory (Fashion-MNIST is 47 MB), so training never touches a file or runs
+Python per image. Every reader validates what it reads and fails with :class:`DatasetError`, naming
+the file and what is wrong, rather than loading half a dataset.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["DatasetError", "ImageDataset", "load_dataset", "DATASETS", "search_paths", "read_idx",
+           "read_cifar10", "read_image_folder", "normalization_stats"]
+
+DEBIAN_DATASETS = Path("/usr/share/datasets")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Dataset names -> (torchvision class name, class names); the canonical dataset names are the keys.
+DATASETS = {"fashion-mnist": ("FashionMNIST", FASHION_MNIST_CLASSES),
+            "mnist": ("MNIST", MNIST_CLASSES),
+            "cifar10": ("CIFAR10", CIFAR10_CLASSES),
+            "imagefolder": (None, None)}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
+            "image-folder": "imagefolder", "folder": "imagefolder"}
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder that cannot be read as what it claims to be."""
+
+
+@dataclass
+class ImageDataset:
+    """A whole split in memory.
+
+    Attributes:
+        images: uint8 tensor N x C x H x W.
+        labels: int64 tensor N.
+        classes: class names, index = label.
+        name: dataset name ("fashion-mnist", "imagefolder", ...).
+        split: "train" or "test".
+        source: where it was read from.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: List[str]
+    name: str
+    split: str = "train"
+    source: str = ""
+    extra: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DatasetError(f"{self.source}: images must be uint8 N x C x H x W, got {self.images.dtype} "
+                               f"{tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise DatasetError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise DatasetError(f"{self.source}: label {int(self.labels.max())} out of range for "
+                               f"{len(self.classes)} classes")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, n: int, seed: int = 0) -> "ImageDataset":
+        """At most ``n`` samples, drawn at random (seeded) so that every class keeps its share."""
+        if n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n].sort().values
+        return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.name, self.split,
+                            self.source, dict(self.extra))
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset({self.name!r}, split={self.split!r}, n={len(self)}, shape={self.image_shape}, "
+                f"classes={len(self.classes)})")
+
+
+def normalization_stats(images: torch.Tensor, chunk: int = 8192) -> Tuple[List[float], List[float]]:
+    """Per-channel mean and std of uint8 images, scaled to [0, 1] (computed in float64, in chunks)."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+# --- where data lives ------------------------------------------------------------------------------------
+def canonical_name(name: str) -> str:
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MODERNCNN_CACHE", Path.home() / ".cache" / "moderncnn"))
+
+
+def search_paths(name: str, root: Optional[str] = None) -> List[Path]:
+    """Directories searched for a dataset, in order: root, $MODERNCNN_DATA/<name>,
+    ~/.cache/moderncnn/<name>, and /usr/share/datasets/<name> (Debian's dataset packages)."""
+    paths: List[Path] = []
+    if root:
+        paths.append(Path(root).expanduser())
+    if os.environ.get("MODERNCNN_DATA"):
+        paths.append(Path(os.environ["MODERNCNN_DATA"]).expanduser() / name)
+    paths.append(cache_dir() / name)
+    if name in ("fashion-mnist", "mnist"):
+        paths.append(DEBIAN_DATASETS / name)
+    return paths
+
+
+# --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DatasetError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+    if path.suffix == ".gz":
+        raise DatasetError(f"{path}: not a gzip file (no gzip header)")
+    return raw
+
+
+def read_idx(path: Path, expected_dims: int) -> torch.Tensor:
+    """Read an IDX file (gzipped or not) of unsigned bytes with ``expected_dims`` dimensions."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DatasetError(f"{path}: truncated IDX file ({len(data)} bytes)")
+    zero, dtype_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype_code != 0x08 or ndim != expected_dims:
+        magic = int.from_bytes(data[:4], "big")
+        raise DatasetError(f"{path}: wrong magic number 0x{magic:08x}; expected 0x{0x800 + expected_dims:08x} "
+                           f"(unsigned-byte IDX with {expected_dims} dimension{'s' if expected_dims > 1 else ''})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise DatasetError(f"{path}: truncated or padded IDX data: header says {'x'.join(map(str, dims))} = "
+                           f"{expected} bytes, file holds {len(data) - header}")
+    array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return torch.from_numpy(array.copy())
+
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _find_file(directory: Path, stem: str) -> Optional[Path]:
+    for sub in ("", "raw"):
+        for suffix in (".gz", ""):
+            candidate = directory / sub / (stem + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _idx_dirs(base: Path, tv_name: str) -> List[Path]:
+    # Plain layout, or torchvision's <root>/<FashionMNIST>/raw
+    return [base, base / tv_name]
+
+
+def _read_idx_split(name: str, directory: Path, split: str, classes: List[str]) -> Optional[ImageDataset]:
+    tv_name = DATASETS[name][0]
+    image_stem, label_stem = _IDX_FILES[split]
+    for d in _idx_dirs(directory, tv_name):
+        image_file, label_file = _find_file(d, image_stem), _find_file(d, label_stem)
+        if image_file and label_file:
+            images = read_idx(image_file, 3)
+            labels = read_idx(label_file, 1).long()
+            if len(images) != len(labels):
+                raise DatasetError(f"{image_file}: {len(images)} images but {label_file} has {len(labels)} labels")
+            if len(labels) and int(labels.max()) >= len(classes):
+                raise DatasetError(f"{label_file}: label {int(labels.max())} out of range 0..{len(classes) - 1}")
+            return ImageDataset(images.unsqueeze(1), labels, list(classes), name, split, str(image_file))
+    return None
+
+
+# --- CIFAR-10 --------------------------------------------------------------------------------------------------
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's python batches contain: dicts, lists, strings, numbers and numpy arrays.
+    Anything else (os.system, eval, arbitrary classes) is refused before it can run."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+
+
+def _unpickle_cifar(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("refusing"):
+            raise DatasetError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+        raise DatasetError(f"{path}: truncated or corrupt CIFAR-10 python batch ({exc})") from None
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError, ImportError) as exc:
+        raise DatasetError(f"{path}: truncated or corrupt CIFAR-10 python batch ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: not a CIFAR-10 python batch (top level is {type(obj).__name__})")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_python(directory: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor, List[str], str]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for fname in names:
+        path = directory / fname
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing CIFAR-10 batch")
+        batch = _unpickle_cifar(path)
+        data, lab = batch.get("data"), batch.get("labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DatasetError(f"{path}: 'data' must be a uint8 array N x 3072")
+        if lab is None or len(lab) != len(data):
+            raise DatasetError(f"{path}: {len(data)} images but {0 if lab is None else len(lab)} labels")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.as_tensor(np.asarray(lab, dtype=np.int64)))
+    classes = list(CIFAR10_CLASSES)
+    meta = directory / "batches.meta"
+    if meta.is_file():
+        names_raw = _unpickle_cifar(meta).get("label_names")
+        if names_raw:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names_raw]
+    return torch.cat(images), torch.cat(labels), classes, str(directory / names[0])
+
+
+def _cifar_binary(directory: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor, List[str], str]:
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    images, labels = [], []
+    for fname in names:
+        path = directory / fname
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing CIFAR-10 batch")
+        raw = path.read_bytes()
+        if len(raw) == 0 or len(raw) % 3073:
+            raise DatasetError(f"{path}: truncated CIFAR-10 binary batch ({len(raw)} bytes is not a multiple "
+                               f"of 3073 = 1 label byte + 3072 pixel bytes)")
+        records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073)
+        labels.append(torch.from_numpy(records[:, 0].astype(np.int64)))
+        images.append(torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()))
+    classes = list(CIFAR10_CLASSES)
+    meta = directory / "batches.meta.txt"
+    if meta.is_file():
+        found = [line.strip() for line in meta.read_text().splitlines() if line.strip()]
+        if found:
+            classes = found
+    return torch.cat(images), torch.cat(labels), classes, str(directory / names[0])
+
+
+def read_cifar10(directory: Path, split: str = "train") -> Optional[ImageDataset]:
+    """CIFAR-10 in either official layout under ``directory`` (python or binary batches)."""
+    directory = Path(directory)
+    for layout, reader in (("cifar-10-batches-py", _cifar_python), ("cifar-10-batches-bin", _cifar_binary)):
+        for d in (directory / layout, directory):
+            marker = "data_batch_1" if layout.endswith("py") else "data_batch_1.bin"
+            if (d / marker).is_file() or (d / ("test_batch" + ("" if layout.endswith("py") else ".bin"))).is_file():
+                images, labels, classes, source = reader(d, split)
+                if len(labels) and int(labels.max()) >= len(classes):
+                    raise DatasetError(f"{source}: label {int(labels.max())} out of range 0..{len(classes) - 1}")
+                return ImageDataset(images, labels, classes, "cifar10", split, source)
+    return None
+
+
+# --- image folders ---------------------------------------------------------------------------------------------
+def _list_class_folders(directory: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
+    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{directory}: no class folders (expected {directory}/<class>/<image files>)")
+    samples = []
+    for index, cls in enumerate(classes):
+        files = sorted(p for p in (directory / cls).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DatasetError(f"{directory / cls}: empty class folder (no image files)")
+        samples += [(p, index) for p in files]
+    return classes, samples
+
+
+def _folder_signature(samples: Sequence[Tuple[Path, int]], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for path, label in samples:
+        st = path.stat()
+        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode(path: Path, channels: Optional[int], size: Optional[Tuple[int, int]]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if channels is None:
+                channels = 1 if img.mode in ("L", "1", "I;16", "I") else 3
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _probe_image(path: Path) -> Tuple[str, Tuple[int, int]]:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            return img.mode, (img.size[1], img.size[0])
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc})") from None
+
+
+def read_image_folder(directory: Path, image_size=None, channels: Optional[int] = None, use_cache: bool = True,
+                      split_name: str = "train", classes: Optional[List[str]] = None) -> ImageDataset:
+    """Decode ``directory/<class>/*`` once into memory, resized to ``image_size`` (int or (H, W)).
+
+    ``channels``: 1 (grayscale) or 3 (RGB); ``None`` picks 1 when every image is grayscale, else 3.
+    The decoded tensors are cached under ~/.cache/moderncnn/imagefolder; the cache key covers every
+    file's path, size and modification time, so any change to the folder invalidates it.
+    """
+    directory = Path(directory).expanduser().resolve()
+    found_classes, samples = _list_class_folders(directory)
+    if classes is not None and found_classes != classes:
+        missing = sorted(set(classes) ^ set(found_classes))
+        raise DatasetError(f"{directory}: class folders differ from the training split's ({', '.join(missing)})")
+    size = (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size) if image_size else None)
+    key = _folder_signature(samples, f"{directory}|{size}|{channels}|v1")
+    cache_file = cache_dir() / "imagefolder" / f"{key}.pt"
+    if use_cache and cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), "imagefolder",
+                                split_name, str(directory), {"cache": str(cache_file)})
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    if channels is None or size is None:
+        probes = [_probe_image(p) for p, _ in samples]
+        if channels is None:
+            channels = 1 if all(mode in ("L", "1", "I;16", "I") for mode, _ in probes) else 3
+        if size is None:
+            sizes = Counter(s for _, s in probes)
+            if len(sizes) > 1:
+                raise DatasetError(f"{directory}: images have {len(sizes)} different sizes "
+                                   f"(most common {sizes.most_common(1)[0][0]}); pass image_size to resize them")
+            size = next(iter(sizes))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(lambda s: _decode(s[0], channels, size), samples, chunksize=64))
+    images = torch.from_numpy(np.stack(arrays))
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    if use_cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"images": images, "labels": labels, "classes": found_classes}, tmp)
+        os.replace(tmp, cache_file)
+    return ImageDataset(images, labels, found_classes, "imagefolder", split_name, str(directory))
+
+
+# --- the entry point ---------------------------------------------------------------------------------------
+def _not_found(name: str, paths: List[Path]) -> DatasetError:
+    where = "\n  ".join(str(p) for p in paths)
+    how = {
+        "fashion-mnist": "apt-get install dataset-fashion-mnist (Debian/Ubuntu), or download=True (--download)",
+        "mnist": "download=True (--download), or put the four IDX files in one of these directories",
+        "cifar10": "download=True (--download), or extract cifar-10-python.tar.gz into one of these directories",
+        "imagefolder": "pass root=DIR (--data-dir DIR) holding train/<class>/* and test/<class>/*",
+    }[name]
+    return DatasetError(f"{name} not found; looked in:\n  {where}\nTo get it: {how}")
+
+
+def load_dataset(name: str, root: Optional[str] = None, split: str = "train", download: bool = False,
+                 image_size=None, channels: Optional[int] = None, val_fraction: Optional[float] = None,
+                 seed: int = 0) -> ImageDataset:
+    """Load one split of a dataset into memory.
+
+    Args:
+        name: "fashion-mnist", "mnist", "cifar10" or "imagefolder".
+        root: directory to look in first (required for "imagefolder").
+        split: "train" or "test".
+        download: fetch Fashion-MNIST/MNIST/CIFAR-10 with torchvision (checksummed) into
+            ``root`` or ~/.cache/moderncnn/<name> when not found.
+        image_size, channels: image folders only: resize to this size, force 1 or 3 channels.
+        val_fraction: image folders without train/ and test/: hold out this seeded fraction as "test".
+    """
+    name = canonical_name(name)
+    if split not in ("train", "test"):
+        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "imagefolder":
+        return _load_image_folder(root, split, image_size, channels, val_fraction, seed)
+    paths = search_paths(name, root)
+    for directory in paths:
+        if not directory.is_dir():
+            continue
+        found = (read_cifar10(directory, split) if name == "cifar10"
+                 else _read_idx_split(name, directory, split, DATASETS[name][1]))
+        if found is not None:
+            return found
+    if download:
+        target = Path(root).expanduser() if root else cache_dir() / name
+        _download(name, target)
+        found = (read_cifar10(target, split) if name == "cifar10"
+                 else _read_idx_split(name, target, split, DATASETS[name][1]))
+        if found is not None:
+            return found
+    raise _not_found(name, paths)
+
+
+def _download(name: str, target: Path) -> None:
+    """Fetch with torchvision's dataset classes: their mirrors, their MD5 checksums."""
+    import torchvision.datasets as tvd
+    target.mkdir(parents=True, exist_ok=True)
+    cls = getattr(tvd, DATASETS[name][0])
+    try:
+        cls(root=str(target), train=True, download=True)
+    except (RuntimeError, OSError) as exc:
+        # Keep nothing that failed its checksum: a later run must not mistake it for the dataset.
+        from torchvision.datasets.utils import check_integrity
+        raw = target / (cls.base_folder if hasattr(cls, "base_folder") else Path(cls.__name__) / "raw")
+        for resource in getattr(cls, "resources", []):
+            filename, md5 = (resource[0], resource[1]) if isinstance(resource, tuple) else (None, None)
+            if filename and (raw / filename).exists() and not check_integrity(str(raw / filename), md5):
+                (raw / filename).unlink()
+        raise DatasetError(f"downloading {name} into {target} failed: {exc}") from None
+
+
+def _load_image_folder(root, split, image_size, channels, val_fraction, seed) -> ImageDataset:
+    if not root:
+        raise _not_found("imagefolder", [])
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: image folder not found")
+    split_dir = root / split
+    if (root / "train").is_dir() and val_fraction is None:
+        classes = None
+        if split == "test":
+            classes = _list_class_folders(root / "train")[0]
+            if not split_dir.is_dir():
+                split_dir = root / "val"
+                if not split_dir.is_dir():
+                    raise DatasetError(f"{root}: has train/ but neither test/ nor val/; pass val_fraction")
+        return read_image_folder(split_dir, image_size, channels, split_name=split, classes=classes)
+    base = root / "train" if (root / "train").is_dir() else root
+    full = read_image_folder(base, image_size, channels, split_name=split)
+    fraction = 0.2 if val_fraction is None else float(val_fraction)
+    if not 0 < fraction < 1:
+        raise DatasetError(f"val_fraction must be between 0 and 1, got {fraction}")
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(len(full) * fraction)))
+    idx = (perm[:n_test] if split == "test" else perm[n_test:]).sort().values
+    return ImageDataset(full.images[idx], full.labels[idx], full.classes, "imagefolder", split, full.source,
+                        {"val_fraction": fraction})

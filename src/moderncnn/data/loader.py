@@ -1,0 +1,219 @@
+"""The in-memory loader: batches are index slices of a uint8 tensor already on the training device, and
+augmentation runs per batch on that device with per-sample randomness -- no per-image Python, no
+worker processes (airbench's approach, applied to every dataset)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.nn import functional as F
+
+from .datasets import ImageDataset, normalization_stats
+
+__all__ = ["Augment", "Loader", "random_crop", "random_flip", "random_erasing", "resize"]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation, applied per batch.
+
+    Attributes:
+        crop_padding: pad by this many pixels, then crop back at a random offset (0: off).
+        padding_mode: "reflect" or "zeros".
+        flip: random horizontal flip with probability 0.5.
+        erasing: probability of random erasing (a rectangle set to the mean), 0: off.
+    """
+
+    crop_padding: int = 4
+    padding_mode: str = "reflect"
+    flip: bool = True
+    erasing: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: Union[str, "Augment", bool, None]) -> "Augment":
+        """"none", "crop", "flip", "crop+flip", "crop+flip+erase" (or an Augment, or True/False)."""
+        if isinstance(spec, Augment):
+            return spec
+        if spec is None or spec is True:
+            return cls()
+        if spec is False or spec == "none" or spec == "":
+            return cls(crop_padding=0, flip=False, erasing=0.0)
+        parts = set(str(spec).replace(",", "+").split("+"))
+        unknown = parts - {"crop", "flip", "erase"}
+        if unknown:
+            raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use crop, flip, erase joined by +")
+        return cls(crop_padding=4 if "crop" in parts else 0, flip="flip" in parts,
+                   erasing=0.25 if "erase" in parts else 0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.erasing)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "reflect") -> torch.Tensor:
+    """Pad each image by ``padding`` and cut it back to its size at an independent random offset."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    pad_mode = "reflect" if mode == "reflect" and padding < min(h, w) else "constant"
+    padded = F.pad(x, (padding,) * 4, mode=pad_mode)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.25,
+                   scale: Tuple[float, float] = (0.02, 0.33), ratio: Tuple[float, float] = (0.3, 3.3),
+                   value: float = 0.0) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020): with probability ``p`` a rectangle of random area and aspect
+    ratio is set to ``value`` (0 after normalisation: the mean)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * h * w
+    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_r.exp()
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, device=dev, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(n, device=dev, generator=generator) * (w - ew + 1)).long()
+    apply = torch.rand(n, device=dev, generator=generator) < p
+    ys = torch.arange(h, device=dev)[None, :]
+    xs = torch.arange(w, device=dev)[None, :]
+    in_rows = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
+    in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]
+    return x.masked_fill(mask, value)
+
+
+def resize(x: torch.Tensor, size: Optional[Sequence[int]]) -> torch.Tensor:
+    """Bilinear resize of a float batch to ``size`` (H, W); a no-op when it already has that size."""
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=bool(size[0] < x.shape[-2]))
+
+
+class Loader:
+    """Iterate over an :class:`ImageDataset` in batches of float32 normalised images and int64 labels.
+
+    Args:
+        dataset: the split, whole in memory.
+        batch_size: images per batch (per process under torchrun: pass the global batch divided by
+            ``world_size``).
+        train: shuffle each epoch (seeded), augment, and drop the last partial batch by default.
+        augment: an :class:`Augment`, a spec such as "crop+flip", or None for crop+flip in training.
+        image_size: resize batches to this side (int) or (H, W); the d2l recipes use 96 and 224.
+        device: where the images live and batches are made.
+        seed: fixes the order and the augmentation of every epoch (epoch ``e`` uses ``seed`` and ``e``).
+        drop_last: default ``train``.
+        rank, world_size: this process's disjoint, equal-length shard of each epoch's permutation.
+        mean, std: normalisation constants (per channel); default: computed from ``dataset``. Pass the
+            training split's constants to the test loader.
+        channels_last: yield channels-last tensors.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, train: bool = True, augment=None,
+                 image_size=None, device: Union[str, torch.device] = "cpu", seed: int = 0,
+                 drop_last: Optional[bool] = None, rank: int = 0, world_size: int = 1,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.augment = Augment.parse(augment) if train else Augment.parse(False)
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.image_size = tuple(image_size) if image_size else None
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world_size = rank, world_size
+        if mean is None or std is None:
+            mean, std = normalization_stats(dataset.images)
+        self.mean_values, self.std_values = list(mean), list(std)
+        channels = dataset.images.shape[1]
+        if len(self.mean_values) != channels or len(self.std_values) != channels:
+            raise ValueError(f"mean/std have {len(self.mean_values)} values for {channels}-channel images")
+        self.mean = torch.tensor(self.mean_values, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.std_values, device=self.device).view(1, -1, 1, 1)
+        self.channels_last = channels_last
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.epoch = 0
+        if self.num_samples == 0:
+            raise ValueError(f"{dataset.name} {dataset.split}: no samples for rank {rank} of {world_size}")
+        if len(self) == 0:
+            raise ValueError(f"{dataset.name} {dataset.split}: {self.num_samples} samples are fewer than one "
+                             f"batch of {self.batch_size} with drop_last; lower the batch size")
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (equal on every rank; the remainder is dropped in training)."""
+        n = len(self.dataset)
+        if self.world_size == 1:
+            return n
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _seed_for(self, epoch: int, stream: int) -> int:
+        return (self.seed * 1_000_003 + epoch * 7919 + stream) % (2 ** 63)
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample order for ``epoch`` (on the CPU): a seeded permutation in training,
+        sliced into ``world_size`` disjoint shards of equal length."""
+        n = len(self.dataset)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed_for(epoch, 0)))
+        usable = (n // self.world_size) * self.world_size
+        return perm[self.rank:usable:self.world_size]
+
+    def transform(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 batch -> float32, augmented (training), resized and normalised."""
+        x = images.float().div_(255)
+        aug = self.augment
+        if self.train and aug.enabled:
+            if aug.crop_padding:
+                x = random_crop(x, aug.crop_padding, generator, aug.padding_mode)
+            if aug.flip:
+                x = random_flip(x, generator)
+        x = resize(x, self.image_size)
+        x = (x - self.mean) / self.std
+        if self.train and aug.erasing:
+            x = random_erasing(x, generator, aug.erasing)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        self.epoch += 1
+        order = self.indices(epoch).to(self.device)
+        device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(self._seed_for(epoch, 1))
+        n_batches = len(self)
+        for b in range(n_batches):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.transform(self.images[idx], generator), self.labels[idx]

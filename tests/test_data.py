@@ -1,0 +1,388 @@
+"""Readers on small files generated in the real formats, every corruption, and the loader."""
+import gzip
+import http.server
+import os
+import pickle
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moderncnn.data import Augment, DatasetError, Loader, load_dataset, read_idx
+from moderncnn.data.datasets import ImageDataset, search_paths
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
+    array = np.asarray(array, dtype=np.uint8)
+    header = (magic if magic is not None else 0x800 + array.ndim).to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def make_mnist(root: Path, n_train=40, n_test=20, compress=True, labels_max=9):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", rng.integers(0, labels_max + 1, (n,)), compress)
+    return root
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """No $MODERNCNN_DATA, a private cache, no Debian path."""
+    monkeypatch.delenv("MODERNCNN_DATA", raising=False)
+    monkeypatch.setenv("MODERNCNN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("moderncnn.data.datasets.DEBIAN_DATASETS", tmp_path / "no-debian")
+    return tmp_path
+
+
+# --- IDX -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_reader_roundtrip(isolated, compress):
+    root = make_mnist(isolated / "mnist", compress=compress)
+    ds = load_dataset("mnist", root=str(root))
+    assert ds.images.shape == (40, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.labels.dtype == torch.int64 and ds.classes == [str(i) for i in range(10)]
+    raw = gzip.decompress((root / "train-images-idx3-ubyte.gz").read_bytes()) if compress else \
+        (root / "train-images-idx3-ubyte").read_bytes()
+    assert torch.equal(ds.images.flatten(), torch.from_numpy(np.frombuffer(raw[16:], dtype=np.uint8).copy()))
+    test = load_dataset("mnist", root=str(root), split="test")
+    assert len(test) == 20
+
+
+def test_torchvision_layout_is_found(isolated):
+    (isolated / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
+    make_mnist(isolated / "data" / "FashionMNIST" / "raw")
+    ds = load_dataset("fashion-mnist", root=str(isolated / "data"))
+    assert len(ds) == 40 and ds.classes[0] == "T-shirt/top"
+
+
+def test_env_var_location(isolated, monkeypatch):
+    (isolated / "env" / "mnist").mkdir(parents=True)
+    make_mnist(isolated / "env" / "mnist")
+    monkeypatch.setenv("MODERNCNN_DATA", str(isolated / "env"))
+    assert len(load_dataset("mnist")) == 40
+    assert search_paths("mnist")[0] == isolated / "env" / "mnist"
+
+
+def test_not_found_says_where_and_how(isolated):
+    with pytest.raises(DatasetError, match=r"(?s)fashion-mnist not found; looked in:.*cache.*apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=str(isolated / "nowhere"))
+    with pytest.raises(DatasetError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
+
+
+def test_truncated_gzip(isolated):
+    root = make_mnist(isolated / "m")
+    f = root / "train-images-idx3-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-30])
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz: truncated or corrupt gzip"):
+        load_dataset("mnist", root=str(root))
+
+
+def test_not_gzip(isolated):
+    root = make_mnist(isolated / "m")
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(b"plain bytes, not gzip")
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.gz: not a gzip file"):
+        load_dataset("mnist", root=str(root))
+
+
+def test_wrong_magic(isolated):
+    root = make_mnist(isolated / "m")
+    write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((40, 28, 28)), magic=0x00000801 + 0x100)
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte.gz: wrong magic number 0x00000901; expected 0x00000803"):
+        load_dataset("mnist", root=str(root))
+
+
+def test_truncated_idx_payload(isolated):
+    root = make_mnist(isolated / "m", compress=False)
+    f = root / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="truncated or padded IDX data"):
+        read_idx(f, 3)
+
+
+def test_count_mismatch(isolated):
+    root = make_mnist(isolated / "m")
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(39))
+    with pytest.raises(DatasetError, match="40 images but .* has 39 labels"):
+        load_dataset("mnist", root=str(root))
+
+
+def test_label_out_of_range(isolated):
+    root = make_mnist(isolated / "m")
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.full(40, 12))
+    with pytest.raises(DatasetError, match="label 12 out of range"):
+        load_dataset("mnist", root=str(root))
+
+
+@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_debian_fashion_mnist():
+    ds = load_dataset("fashion-mnist", root=str(DEBIAN_FMNIST))
+    assert ds.images.shape == (60000, 1, 28, 28) and ds.num_classes == 10
+    assert torch.bincount(ds.labels).tolist() == [6000] * 10
+    test = load_dataset("fashion-mnist", root=str(DEBIAN_FMNIST), split="test")
+    assert test.images.shape == (10000, 1, 28, 28)
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------------------------
+def make_cifar_python(root: Path, n=12):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": b"x", b"labels": rng.integers(0, 10, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"a.png"] * n}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in "abcdefghij"], b"num_vis": 3072}, f, protocol=2)
+    return d
+
+
+def make_cifar_binary(root: Path, n=12):
+    d = root / "cifar-10-batches-bin"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1)
+        (d / name).write_bytes(records.astype(np.uint8).tobytes())
+    (d / "batches.meta.txt").write_text("\n".join("klmnopqrst") + "\n")
+    return d
+
+
+def test_cifar_python_batches(isolated):
+    d = make_cifar_python(isolated / "c")
+    ds = load_dataset("cifar10", root=str(isolated / "c"))
+    assert ds.images.shape == (60, 3, 32, 32) and ds.classes == list("abcdefghij")
+    with open(d / "data_batch_1", "rb") as f:
+        first = pickle.load(f, encoding="bytes")  # our own generated file: trusted here
+    assert torch.equal(ds.images[0].flatten(), torch.from_numpy(first[b"data"][0]))
+    assert ds.labels[:12].tolist() == first[b"labels"]
+    assert len(load_dataset("cifar10", root=str(isolated / "c"), split="test")) == 12
+
+
+def test_cifar_binary_batches(isolated):
+    d = make_cifar_binary(isolated / "c")
+    ds = load_dataset("cifar10", root=str(isolated / "c"))
+    raw = np.frombuffer((d / "data_batch_1.bin").read_bytes(), dtype=np.uint8).reshape(-1, 3073)
+    assert ds.labels[0].item() == raw[0, 0]
+    assert torch.equal(ds.images[0].flatten(), torch.from_numpy(raw[0, 1:].copy()))
+    assert ds.classes == list("klmnopqrst") and len(ds) == 60
+
+
+def test_cifar_malicious_pickle_is_refused_not_run(isolated, tmp_path):
+    d = make_cifar_python(isolated / "c")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f, protocol=2)
+    with pytest.raises(DatasetError, match=r"data_batch_1: not a CIFAR-10 python batch \(refusing to load"):
+        load_dataset("cifar10", root=str(isolated / "c"))
+    assert not marker.exists()
+
+
+def test_cifar_truncated_files(isolated):
+    d = make_cifar_binary(isolated / "b")
+    f = d / "data_batch_3.bin"
+    f.write_bytes(f.read_bytes()[:-7])
+    with pytest.raises(DatasetError, match="data_batch_3.bin: truncated CIFAR-10 binary batch"):
+        load_dataset("cifar10", root=str(isolated / "b"))
+    d = make_cifar_python(isolated / "p")
+    f = d / "data_batch_2"
+    f.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(DatasetError, match="data_batch_2: truncated or corrupt"):
+        load_dataset("cifar10", root=str(isolated / "p"))
+
+
+# --- image folders -------------------------------------------------------------------------------------------
+def make_folder(root: Path, classes=("cat", "dog"), n=3, size=(10, 12), mode="RGB", ext="png"):
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size[0], size[1], 3) if mode == "RGB" else size
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / cls / f"{i}.{ext}")
+    return root
+
+
+def test_image_folder_reads_and_caches(isolated):
+    root = make_folder(isolated / "imgs", ext="png")
+    ds = load_dataset("imagefolder", root=str(root))
+    assert ds.images.shape == (6, 3, 10, 12) and ds.classes == ["cat", "dog"]
+    expected = np.asarray(Image.open(root / "train" / "cat" / "0.png")).transpose(2, 0, 1)
+    assert torch.equal(ds.images[0], torch.from_numpy(expected.copy()))
+    caches = list((isolated / "cache" / "imagefolder").glob("*.pt"))
+    assert len(caches) == 1
+    again = load_dataset("imagefolder", root=str(root))
+    assert torch.equal(again.images, ds.images)
+    assert len(list((isolated / "cache" / "imagefolder").glob("*.pt"))) == 1  # served from the cache
+    # Changing the folder invalidates the cache.
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "train" / "dog" / "new.png")
+    assert len(load_dataset("imagefolder", root=str(root))) == 7
+
+
+def test_image_folder_resize_gray_and_jpeg(isolated):
+    root = make_folder(isolated / "g", mode="L", ext="jpg", size=(20, 20))
+    ds = load_dataset("imagefolder", root=str(root), image_size=8)
+    assert ds.images.shape == (6, 1, 8, 8)
+    rgb = load_dataset("imagefolder", root=str(root), image_size=8, channels=3, split="test")
+    assert rgb.images.shape == (6, 3, 8, 8)
+
+
+def test_image_folder_val_fraction(isolated):
+    root = make_folder(isolated / "v", n=5)
+    import shutil
+    shutil.rmtree(root / "test")
+    train = load_dataset("imagefolder", root=str(root), val_fraction=0.2)
+    test = load_dataset("imagefolder", root=str(root), split="test", val_fraction=0.2)
+    assert len(train) == 8 and len(test) == 2
+    assert not set(map(bytes, train.images.numpy())) & set(map(bytes, test.images.numpy()))
+
+
+def test_image_folder_errors(isolated):
+    root = make_folder(isolated / "e")
+    (root / "train" / "cat" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DatasetError, match=r"train/cat/1.png: unreadable image"):
+        load_dataset("imagefolder", root=str(root))
+    root2 = make_folder(isolated / "e2")
+    (root2 / "train" / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"train/empty: empty class folder"):
+        load_dataset("imagefolder", root=str(root2))
+    root3 = make_folder(isolated / "e3")
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(root3 / "train" / "cat" / "odd.png")
+    with pytest.raises(DatasetError, match="different sizes"):
+        load_dataset("imagefolder", root=str(root3))
+    with pytest.raises(DatasetError, match="imagefolder not found"):
+        load_dataset("imagefolder")
+
+
+# --- download through torchvision, from a local HTTP server --------------------------------------------------
+def test_download_uses_torchvision_with_checksums(isolated, monkeypatch):
+    import hashlib
+    import torchvision.datasets as tvd
+    served = isolated / "served"
+    served.mkdir()
+    make_mnist(served)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"]
+        md5 = {f: hashlib.md5((served / f).read_bytes()).hexdigest() for f in files}
+        monkeypatch.setattr(tvd.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+        monkeypatch.setattr(tvd.MNIST, "resources", [(f, md5[f]) for f in files])
+        ds = load_dataset("mnist", download=True)
+        assert len(ds) == 40
+        assert (isolated / "cache" / "mnist" / "MNIST" / "raw").is_dir()
+        # A checksum mismatch is an error, not a silently accepted file.
+        monkeypatch.setattr(tvd.MNIST, "resources", [(f, "0" * 32) for f in files])
+        monkeypatch.setenv("MODERNCNN_CACHE", str(isolated / "cache2"))
+        with pytest.raises(DatasetError, match="downloading mnist into .* failed"):
+            load_dataset("mnist", download=True)
+        assert not list((isolated / "cache2" / "mnist").rglob("*.gz"))  # nothing corrupt is kept
+    finally:
+        server.shutdown()
+
+
+# --- loader ----------------------------------------------------------------------------------------------------
+def tiny_dataset(n=64, c=1, size=8, classes=4):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+    return ImageDataset(images, torch.arange(n) % classes, [str(i) for i in range(classes)], "tiny")
+
+
+def test_loader_yields_normalized_batches():
+    ds = tiny_dataset()
+    loader = Loader(ds, 16, train=False)
+    assert len(loader) == 4
+    xs, ys = zip(*loader)
+    x = torch.cat(xs)
+    assert x.dtype == torch.float32 and ys[0].dtype == torch.int64
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+    assert torch.equal(torch.cat(ys), ds.labels)  # test order is the dataset order
+
+
+def test_loader_len_drop_last():
+    ds = tiny_dataset(n=50)
+    assert len(Loader(ds, 16, train=True)) == 3
+    assert len(Loader(ds, 16, train=False)) == 4
+    assert sum(len(y) for _, y in Loader(ds, 16, train=False)) == 50
+
+
+def test_loader_same_seed_same_batches_bit_for_bit():
+    ds = tiny_dataset()
+    a = [(x.clone(), y.clone()) for x, y in Loader(ds, 16, augment="crop+flip+erase", seed=5)]
+    b = [(x.clone(), y.clone()) for x, y in Loader(ds, 16, augment="crop+flip+erase", seed=5)]
+    c = [(x.clone(), y.clone()) for x, y in Loader(ds, 16, augment="crop+flip+erase", seed=6)]
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+
+
+def test_loader_epochs_differ_and_set_epoch_replays():
+    loader = Loader(tiny_dataset(), 16, seed=1)
+    first = [y for _, y in loader]
+    second = [y for _, y in loader]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+    loader.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(second, [y for _, y in loader]))
+
+
+def test_shards_are_disjoint_and_equal():
+    ds = tiny_dataset(n=67)
+    shards = [Loader(ds, 4, rank=r, world_size=3, seed=2).indices(0) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 22
+    flat = torch.cat(shards)
+    assert len(set(flat.tolist())) == len(flat)
+
+
+def test_flip_rate_and_crop_offsets():
+    from moderncnn.data.loader import random_crop, random_flip
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(8.).view(1, 1, 1, 8).expand(4000, 1, 8, 8).contiguous()
+    flipped = random_flip(x, g)
+    rate = (flipped[:, 0, 0, 0] == 7).float().mean().item()
+    assert 0.45 < rate < 0.55
+    # A ramp cropped with zero padding 2: the first column's value tells the horizontal offset.
+    img = (torch.arange(8.) + 1).view(1, 1, 1, 8).expand(4000, 1, 8, 8).contiguous()
+    cropped = random_crop(img, 2, g, mode="zeros")
+    first = cropped[:, 0, 4, :]
+    offsets = torch.where(first[:, 0] == 0, -(first == 0).sum(1), first[:, 0] - 1)
+    assert set(offsets.long().tolist()) == {-2, -1, 0, 1, 2}
+    assert cropped.shape == img.shape
+
+
+def test_erasing_and_resize():
+    ds = tiny_dataset(n=32, size=28)
+    loader = Loader(ds, 32, augment=Augment(crop_padding=0, flip=False, erasing=1.0), image_size=40)
+    x, _ = next(iter(loader))
+    assert x.shape == (32, 1, 40, 40)
+    assert ((x == 0).flatten(1).sum(1) > 0).all()  # every image has an erased (mean-valued) patch
+    plain = Loader(ds, 32, train=False, image_size=96)
+    assert next(iter(plain))[0].shape == (32, 1, 96, 96)
+
+
+def test_augment_spec_parsing():
+    assert Augment.parse("crop+flip") == Augment(4, "reflect", True, 0.0)
+    assert not Augment.parse("none").enabled
+    with pytest.raises(ValueError, match="unknown augmentation rotate"):
+        Augment.parse("crop+rotate")
