@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from .models import create_model, list_models, register_model, UnknownModelError, InputTooSmallError
 from .report.summary import summary
+from .train import TrainConfig, load_model, train
 
-__all__ = ["__version__", "create_model", "list_models", "register_model", "summary",
+__all__ = ["__version__", "create_model", "list_models", "register_model", "summary", "train", "TrainConfig",
+           "load_model",
            "UnknownModelError", "InputTooSmallError"]

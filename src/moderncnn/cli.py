@@ -79,7 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: List = []
 
 
+def _register_commands() -> None:
+    if not _EXTRA_COMMANDS:
+        from .train import cli as _train_cli  # noqa: F401  (adds train, eval, predict)
+        for module in ("compare", "bench", "export"):
+            try:
+                __import__(f"moderncnn.{module}")
+            except ImportError:
+                pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _register_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -210,10 +210,17 @@ class Loader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         self.epoch += 1
+        return self.iterate(epoch)
+
+    def iterate(self, epoch: int, start_batch: int = 0,
+                generator_state: Optional[torch.Tensor] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``epoch`` from ``start_batch`` on. To resume mid-epoch exactly, pass the
+        augmentation generator state saved from :attr:`generator` after the last finished batch."""
         order = self.indices(epoch).to(self.device)
         device = self.device if self.device.type in ("cpu", "cuda") else torch.device("cpu")
-        generator = torch.Generator(device=device).manual_seed(self._seed_for(epoch, 1))
-        n_batches = len(self)
-        for b in range(n_batches):
+        self.generator = torch.Generator(device=device).manual_seed(self._seed_for(epoch, 1))
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+        for b in range(start_batch, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.transform(self.images[idx], generator), self.labels[idx]
+            yield self.transform(self.images[idx], self.generator), self.labels[idx]

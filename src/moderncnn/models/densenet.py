@@ -300,3 +300,16 @@ def densenet201(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNe
 def densenet264(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNet:
     """DenseNet-264 (k=32, blocks 6-12-64-48)."""
     return _densenet(32, (6, 12, 64, 48), 64, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet_bc_fmnist(num_classes: int = 10, in_chans: int = 1, **kwargs) -> DenseNet:
+    """A small DenseNet-BC for 28x28 Fashion-MNIST/MNIST (moderncnn's default training model): a 3x3
+    stride-2 stem (the network works at 14x14, 7x7 and 3x3), k=16, blocks 4-8-8, theta 0.5.
+
+    The stem is where the speed comes from: every dense layer costs a quarter of what it would at 28x28,
+    which is what lets ``moderncnn train`` reach >91% on a 2-core CPU in a few minutes.
+    """
+    kwargs.setdefault("small_input", True)
+    kwargs.setdefault("stem_stride", 2)
+    return _densenet(16, (4, 8, 8), 32, num_classes, in_chans, **kwargs)

@@ -1,0 +1,90 @@
+"""report.md for one run directory: reads config.json, metrics.csv and predictions.pt; trains nothing."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .plots import plot_confusion, plot_curves, plot_predictions
+from .summary import human
+
+__all__ = ["read_metrics", "write_run_report"]
+
+
+def read_metrics(path: Path) -> List[Dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """Draw curves.png, predictions.png and confusion.png and write report.md in ``run_dir``."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "config.json").read_text())
+    cfg = info["config"]
+    history = read_metrics(run_dir / "metrics.csv")
+    plot_curves(history, run_dir / "curves.png", f"{cfg['model']} on {cfg['dataset']}")
+    preds = torch.load(run_dir / "predictions.pt", weights_only=True)
+    classes = preds["classes"]
+    plot_predictions(preds["sample_images"], preds["labels"][preds["sample_index"]],
+                     preds["predictions"][preds["sample_index"]], classes, run_dir / "predictions.png")
+    plot_confusion(preds["labels"], preds["predictions"], classes, run_dir / "confusion.png")
+
+    final, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    total = sum(r["seconds"] for r in history)
+    versions = info.get("versions", {})
+    per_class = _per_class_accuracy(preds["labels"], preds["predictions"], len(classes))
+    lines = [
+        f"# {cfg['model']} on {cfg['dataset']}",
+        "",
+        f"**Final test accuracy {final['test_acc']:.4f}** (best {best['test_acc']:.4f} at epoch {best['epoch']}), "
+        f"{len(history)} epochs in {total / 60:.1f} min on {versions.get('device', '?')} "
+        f"({versions.get('device_name', '')}, {versions.get('threads', '?')} threads).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{cfg['model']}` {info.get('model_kwargs') or ''} |",
+        f"| parameters | {info['params']:,} (trainable {info.get('trainable_params', info['params']):,}) |",
+        f"| FLOPs per image | {human(info['flops_per_image'])} (multiply-add = 2) |",
+        f"| data | {cfg['dataset']}: {info['train_images']:,} train / {info['test_images']:,} test images, "
+        f"{info['in_chans']}x{info['image_size']}x{info['image_size']}, {len(classes)} classes"
+        f"{', subset ' + str(cfg['subset']) if cfg.get('subset') else ''} |",
+        f"| normalisation | mean {info['normalization']['mean']}, std {info['normalization']['std']} "
+        f"(from the training set) |",
+        f"| recipe | `{cfg['recipe']}`: {cfg['optimizer']} lr {cfg['lr']:g}"
+        f"{' momentum ' + str(cfg['momentum']) if cfg['optimizer'] == 'sgd' else ''}, {cfg['schedule']} schedule"
+        f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
+        f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
+        f"augmentation {cfg['augment']}{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
+        f"{', flip TTA' if cfg['tta'] else ''}{', init ' + cfg['init'] if cfg['init'] else ''} |",
+        f"| seed | {cfg['seed']} |",
+        f"| throughput | {final['images_per_second']:.0f} training images/s (last epoch) |",
+        f"| software | Python {versions.get('python')}, torch {versions.get('torch')}, "
+        f"moderncnn {versions.get('moderncnn')} |",
+    ]
+    if info.get("frozen"):
+        lines.append(f"| trained parameters | {info['frozen']} |")
+    lines += ["", "## Curves", "", "![curves](curves.png)", "",
+              "| epoch | train loss | train acc | test loss | test acc | lr | seconds | images/s |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
+              f"{r['test_acc']:.4f} | {r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f} |"
+              for r in history]
+    lines += ["", "## Predictions", "", "![predictions](predictions.png)", "",
+              "## Confusion matrix", "", "![confusion](confusion.png)", "",
+              "| class | test accuracy |", "|---|---:|"]
+    lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
+    lines += ["", f"Checkpoints: `last.pt` (resume with `moderncnn train --resume {run_dir}`), `best.pt` "
+              f"(`moderncnn eval {run_dir}`, `moderncnn predict {run_dir} IMAGE...`).", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return run_dir / "report.md"
+
+
+def _per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, k: int) -> List[float]:
+    out = []
+    for c in range(k):
+        mask = labels == c
+        out.append(float((predictions[mask] == c).float().mean()) if mask.any() else float("nan"))
+    return out

@@ -1,0 +1,102 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
+
+A checkpoint is a dict of tensors, numbers, strings and lists: the model and optimizer state, the
+schedule, EMA weights, RNG states, progress, and everything needed to rebuild the model (name,
+constructor arguments, classes, preprocessing). Nothing in it is executed when it is read.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state", "resolve_checkpoint",
+           "FORMAT"]
+
+FORMAT = "moderncnn-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
+
+
+def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write ``state`` to ``path`` atomically: temp file in the same directory, flush+fsync, os.replace.
+    A crash at any moment leaves either the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state, format=FORMAT), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint(path: Union[str, Path], prefer: str = "best.pt") -> Path:
+    """A run directory -> its ``best.pt`` (or ``last.pt``); a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (prefer, "best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: no checkpoint (best.pt or last.pt) in this directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) with clear errors for every failure."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refusing to load: the file holds Python objects other than tensors and "
+                              f"plain data, which could run code ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a moderncnn checkpoint (no 'model' entry)")
+    return state
+
+
+def load_model_state(model: nn.Module, state: Dict[str, Any], source: str = "checkpoint") -> None:
+    """Load ``state['model']`` into ``model``, or explain which architecture the checkpoint belongs to."""
+    weights = state["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shape = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or shape:
+        trained = state.get("model_name", "an unknown model")
+        ours = getattr(model, "model_name", type(model).__name__)
+        details = []
+        if shape:
+            details.append("shape differs for " + ", ".join(
+                f"{k} ({tuple(weights[k].shape)} vs {tuple(own[k].shape)})" for k in shape[:3]))
+        if missing:
+            details.append("missing " + ", ".join(missing[:3]))
+        if unexpected:
+            details.append("unexpected " + ", ".join(unexpected[:3]))
+        raise CheckpointError(f"{source} was trained with model {trained!r} "
+                              f"(num_classes={state.get('num_classes')}, in_chans={state.get('in_chans')}) and does "
+                              f"not fit {ours!r}: {'; '.join(details)}")
+    model.load_state_dict(weights)

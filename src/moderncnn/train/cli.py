@@ -1,0 +1,151 @@
+"""``moderncnn train|eval|predict``: argument parsing only; the work is in the engine."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import _EXTRA_COMMANDS
+
+TRAIN_FLAGS = {  # flag -> TrainConfig field
+    "model": "model", "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size",
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+    "momentum": "momentum", "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay",
+    "label_smoothing": "label_smoothing", "ema": "ema", "grad_clip": "grad_clip", "subset": "subset",
+    "recipe": "recipe", "seed": "seed", "device": "device", "amp": "amp", "channels_last": "channels_last",
+    "compile": "compile", "out": "out", "name": "name", "resume": "resume", "tta": "tta",
+    "augment": "augment", "download": "download", "budget": "budget", "sync_bn": "sync_bn",
+    "pretrained": "pretrained", "freeze_backbone": "freeze_backbone", "head_lr_mult": "head_lr_mult",
+    "val_fraction": "val_fraction", "memory_efficient": None,
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``train`` and ``compare`` (defaults None: the recipe decides)."""
+    p.add_argument("--dataset", default=None, help="fashion-mnist (default), mnist, cifar10 or imagefolder")
+    p.add_argument("--data-dir", default=None, help="where the dataset is (image folders: DIR/train, DIR/test)")
+    p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (d2l: 96 or 224)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (not rescaled for you)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"], default=None)
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--schedule", choices=["cosine", "onecycle", "step", "constant"], default=None)
+    p.add_argument("--warmup", type=float, default=None, help="warm-up length in epochs")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (e.g. 0.999; 0 = off)")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0 = off)")
+    p.add_argument("--augment", default=None, help="none, crop, flip, crop+flip, crop+flip+erase")
+    p.add_argument("--subset", type=int, default=None, help="use at most N train and N test images")
+    p.add_argument("--recipe", default=None, help="fast (default), d2l, mnist, cifar10, fmnist-best, or a JSON file")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
+    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--out", default=None, help="parent directory of run directories (default runs/)")
+    p.add_argument("--name", default=None, help="run directory name (default: time-model-dataset)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (also off when stdout is not a terminal)")
+    p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    p.add_argument("--val-fraction", type=float, default=None, help="image folders without test/: hold-out share")
+    p.add_argument("--memory-efficient", action="store_true", default=None,
+                   help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
+
+
+def config_from_args(args) -> tuple:
+    from .config import TrainConfig
+    values, explicit = {}, set()
+    for flag, fieldname in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None or fieldname is None:
+            continue
+        values[fieldname] = value
+        explicit.add(fieldname)
+    cfg = TrainConfig(**values)
+    if getattr(args, "memory_efficient", None):
+        cfg.model_kwargs = dict(cfg.model_kwargs, memory_efficient=True)
+    return cfg, explicit
+
+
+def cmd_train(args) -> int:
+    from .engine import TrainingInterrupted, train
+    cfg, explicit = config_from_args(args)
+    try:
+        train(cfg, explicit=explicit)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from ..data import Loader, load_dataset
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+    from .engine import build_model_from_checkpoint, evaluate, pick_device
+    path = resolve_checkpoint(args.checkpoint)
+    state = load_checkpoint(path)
+    device = pick_device(args.device)
+    model = build_model_from_checkpoint(state, str(path)).to(device)
+    cfg = state.get("config", {})
+    dataset = args.dataset or state.get("dataset") or cfg.get("dataset")
+    data_dir = args.data_dir or cfg.get("data_dir")
+    kwargs = {}
+    if dataset == "imagefolder":
+        kwargs = dict(image_size=state.get("image_size"), val_fraction=cfg.get("val_fraction"), seed=cfg.get("seed", 0),
+                      channels=state["in_chans"])
+    test = load_dataset(dataset, root=data_dir, split="test", **kwargs)
+    if args.subset:
+        test = test.subset(args.subset, seed=cfg.get("seed", 0))
+    if test.images.shape[1] != state["in_chans"]:
+        raise ValueError(f"{dataset} has {test.images.shape[1]}-channel images; the model was trained on "
+                         f"{state['in_chans']}-channel images")
+    norm = state["normalization"]
+    loader = Loader(test, args.batch_size, train=False, image_size=state["image_size"], device=device,
+                    mean=norm["mean"], std=norm["std"])
+    loss, acc = evaluate(model, loader, tta=args.tta)
+    print(f"{state['model_name']} on {dataset} test ({len(test):,} images): test accuracy: {acc:.4f}  loss: {loss:.4f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_files
+    for path, top in predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device):
+        print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (default: a small DenseNet-BC on Fashion-MNIST)")
+    p.add_argument("--model", default=None, help="registered model name (default densenet_bc_fmnist)")
+    add_train_arguments(p)
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last.pt")
+    p.add_argument("--budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None,
+                   help="start from torchvision's ImageNet weights (or a local state-dict file)")
+    p.add_argument("--freeze-backbone", action="store_true", default=None, help="train the classifier only")
+    p.add_argument("--head-lr-mult", type=float, default=None, help="learning-rate factor of the classifier")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a trained run or checkpoint")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+
+_EXTRA_COMMANDS.append(register)

@@ -1,0 +1,168 @@
+"""Training configuration and named recipes.
+
+A field left ``None`` is filled from the recipe, then from :data:`DEFAULTS`; anything set explicitly
+(a CLI flag or a field passed to :func:`moderncnn.train`) wins over the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "resolve_config", "recipe_names"]
+
+
+@dataclass
+class TrainConfig:
+    model: Optional[str] = None
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    download: bool = False
+    image_size: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    optimizer: Optional[str] = None
+    momentum: Optional[float] = None
+    schedule: Optional[str] = None
+    warmup: Optional[float] = None
+    weight_decay: Optional[float] = None
+    label_smoothing: Optional[float] = None
+    ema: Optional[float] = None
+    grad_clip: Optional[float] = None
+    augment: Optional[str] = None
+    normalize: Optional[bool] = None
+    init: Optional[str] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    subset: Optional[int] = None
+    recipe: str = "fast"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    out: str = "runs"
+    name: Optional[str] = None
+    resume: Optional[str] = None
+    progress: bool = True
+    tta: Optional[bool] = None
+    budget: Optional[float] = None
+    sync_bn: bool = False
+    pretrained: Any = False
+    freeze_backbone: bool = False
+    head_lr_mult: Optional[float] = None
+    val_fraction: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+DEFAULTS: Dict[str, Any] = dict(
+    model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
+    schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
+    augment="crop+flip", normalize=True, init=None, tta=False,
+)
+
+# Default learning rates per optimizer, for a batch of 128 (scaled linearly with batch size when the
+# learning rate is not given).
+BASE_LR = {"sgd": 0.1, "adamw": 2e-3, "adam": 1e-3}
+
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # The default: a small DenseNet-BC, SGD + one-cycle, crop+flip, label smoothing. See README.
+    "fast": dict(model="densenet_bc_fmnist", epochs=6, batch_size=128, optimizer="sgd", lr=0.2,
+                 schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip"),
+    # Dive into Deep Learning, chapter 7, exactly as the book trains (per-model values in D2L_SETTINGS).
+    "d2l": dict(epochs=10, optimizer="sgd", momentum=0.0, schedule="constant", warmup=0.0, weight_decay=0.0,
+                label_smoothing=0.0, ema=0.0, grad_clip=0.0, augment="none", normalize=False, init="xavier",
+                tta=False),
+    # DenseNet on MNIST (tutorial 2 uses Adam for 5 epochs).
+    "mnist": dict(dataset="mnist", model="densenet_bc_fmnist", epochs=5, batch_size=128, optimizer="adamw",
+                  lr=3e-3, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.0, augment="crop"),
+    # DenseNet-BC on CIFAR-10 at 32x32.
+    "cifar10": dict(dataset="cifar10", model="densenet_bc_100", epochs=40, batch_size=128, optimizer="sgd",
+                    lr=0.2, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip",
+                    tta=True),
+    # Fashion-MNIST, longest-reasonable CPU run.
+    "fmnist-best": dict(model="densenet_bc_fmnist", epochs=30, batch_size=128, optimizer="sgd", lr=0.2,
+                        schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1,
+                        augment="crop+flip+erase", tta=True, ema=0.999),
+}
+
+# d2l chapter 7: (learning rate, batch size, resize) per model.
+D2L_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "alexnet_d2l": dict(lr=0.01, batch_size=128, image_size=224),
+    "vgg_d2l": dict(lr=0.05, batch_size=128, image_size=224),
+    "nin": dict(lr=0.1, batch_size=128, image_size=224),
+    "googlenet_d2l": dict(lr=0.1, batch_size=128, image_size=96),
+    "resnet_d2l": dict(lr=0.05, batch_size=256, image_size=96),
+    "densenet_d2l": dict(lr=0.1, batch_size=256, image_size=96),
+}
+
+
+def recipe_names():
+    return sorted(RECIPES)
+
+
+def _load_recipe(name: str) -> Dict[str, Any]:
+    if name in RECIPES:
+        return dict(RECIPES[name])
+    path = Path(name)
+    if not path.is_file():
+        path = Path("recipes") / f"{name}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe file holds one JSON object of training options")
+        return data
+    raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())} or give a JSON file")
+
+
+def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> TrainConfig:
+    """Fill unset fields from the recipe and the defaults. ``explicit`` names fields set by the user
+    even where they equal a dataclass default (the CLI passes the flags it saw)."""
+    cfg = dataclasses.replace(config)
+    recipe = _load_recipe(cfg.recipe)
+    explicit = set(explicit or ())
+    defaults = TrainConfig()
+    for key, value in recipe.items():
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ValueError(f"recipe {cfg.recipe!r}: unknown option {key!r}")
+        current = getattr(cfg, key)
+        user_set = key in explicit or (current is not None and current != getattr(defaults, key))
+        if not user_set:
+            setattr(cfg, key, value)
+    if cfg.model is None:
+        cfg.model = DEFAULTS["model"]
+    if cfg.recipe == "d2l":
+        per_model = D2L_SETTINGS.get(cfg.model, dict(lr=0.1, batch_size=256, image_size=96))
+        for key, value in per_model.items():
+            if getattr(cfg, key) is None and key not in explicit:
+                setattr(cfg, key, value)
+    for key, value in DEFAULTS.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.lr is None:
+        cfg.lr = BASE_LR.get(cfg.optimizer, 0.1) * cfg.batch_size / 128
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.optimizer not in ("sgd", "adamw", "adam"):
+        raise ValueError(f"optimizer must be sgd, adamw or adam, got {cfg.optimizer!r}")
+    if cfg.schedule not in ("cosine", "onecycle", "step", "constant"):
+        raise ValueError(f"schedule must be cosine, onecycle, step or constant, got {cfg.schedule!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ValueError("epochs, batch_size and lr must be positive")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not str(cfg.device).startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")

@@ -1,0 +1,525 @@
+"""The training loop: one path for CPU, one GPU and torchrun/DDP.
+
+Everything a run does is visible here, top to bottom: resolve the config, load data into memory, build
+the model, then per epoch train (progress bar, NaN guard, Ctrl-C guard), evaluate, write metrics and
+checkpoints; at the end write predictions, plots and report.md into the run directory.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import __version__
+from ..data import Loader, load_dataset
+from ..data.datasets import normalization_stats
+from ..models import create_model
+from ..models.layers import InputTooSmallError
+from ..report.summary import count_parameters, summary
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig, resolve_config
+from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
+           "METRIC_FIELDS", "load_model", "build_model_from_checkpoint"]
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second"]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stopped after saving last.pt. ``exit_code`` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int, run_dir: Path):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.run_dir = run_dir
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: TrainConfig
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best_acc: float = 0.0
+    final_acc: float = 0.0
+    train_seconds: float = 0.0
+    params: int = 0
+    flops: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS is not available here")
+    return torch.device(name)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _xavier_init(model: nn.Module) -> None:
+    # d2l's train_ch6: Xavier-uniform weights for every Linear and Conv2d (biases left as they are).
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+
+
+def _loss(outputs, labels: torch.Tensor, criterion) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Main logits and the loss; GoogLeNet's auxiliary heads add 0.3x their losses in training."""
+    if isinstance(outputs, tuple):
+        logits = outputs[0]
+        loss = criterion(logits, labels) + 0.3 * sum(criterion(aux, labels) for aux in outputs[1:])
+        return logits, loss
+    return outputs, criterion(outputs, labels)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader, tta: bool = False, amp_dtype=None,
+             info: DistInfo = DistInfo(), return_predictions: bool = False):
+    """Test loss and accuracy (summed across ranks); with ``tta``, logits of the image and its mirror
+    are averaged. Returns (loss, acc) or (loss, acc, predictions, probabilities)."""
+    model.eval()
+    device = loader.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    preds, probs = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(3))) / 2
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum()
+        count += y.numel()
+        if return_predictions:
+            preds.append(pred.cpu())
+            probs.append(logits.softmax(1).cpu())
+    for t in (loss_sum, correct, count):
+        all_reduce_sum(t, info)
+    loss, acc = loss_sum.item() / max(1, count.item()), correct.item() / max(1, count.item())
+    if return_predictions:
+        return loss, acc, torch.cat(preds), torch.cat(probs)
+    return loss, acc
+
+
+def _versions(device: torch.device) -> Dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "moderncnn": __version__,
+            "platform": platform.platform(), "device": str(device), "threads": str(torch.get_num_threads())}
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, history: List[Dict[str, float]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+    os.replace(tmp, path)
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{cfg.dataset}"
+
+
+def _load_data(cfg: TrainConfig, info: DistInfo):
+    kwargs = dict(root=cfg.data_dir, download=cfg.download and info.is_main)
+    if cfg.dataset == "imagefolder":
+        kwargs.update(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_set = load_dataset(cfg.dataset, split="train", **kwargs)
+    test_set = load_dataset(cfg.dataset, split="test", **kwargs)
+    if cfg.subset:
+        train_set = train_set.subset(cfg.subset, seed=cfg.seed)
+        test_set = test_set.subset(cfg.subset, seed=cfg.seed)
+    return train_set, test_set
+
+
+def _resume_state(cfg: TrainConfig) -> Tuple[TrainConfig, Dict[str, Any], Path, set]:
+    run_dir = Path(cfg.resume)
+    ckpt_path = run_dir / "last.pt" if run_dir.is_dir() else run_dir
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt)")
+    state = load_checkpoint(ckpt_path)
+    saved = TrainConfig.from_dict(state["config"])
+    return saved, state, run_dir, set()
+
+
+def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Optional[set] = None,
+          **overrides) -> RunResult:
+    """Train a model; the Python door to ``moderncnn train`` (same fields as the CLI flags).
+
+    ``moderncnn.train(model="resnet18", dataset="cifar10", epochs=5)`` or ``train(TrainConfig(...))``.
+    Returns a :class:`RunResult`; the run directory holds config.json, metrics.csv, the plots,
+    report.md, last.pt and best.pt.
+    """
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    explicit = set(explicit or ()) | set(overrides)
+    resume_state = None
+    if config.resume:
+        saved, resume_state, run_dir, _ = _resume_state(config)
+        # Resume keeps the run's recipe; only the length and how it runs may change.
+        changes = {k: getattr(config, k) for k in ("epochs", "progress", "device", "budget")
+                   if k in explicit or (k == "epochs" and config.epochs is not None)}
+        cfg = dataclasses.replace(saved, resume=str(run_dir), **changes)
+    else:
+        cfg = resolve_config(config, explicit)
+    try:
+        return _train(cfg, resume_state)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResult:
+    device = pick_device(cfg.device)
+    info = setup_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    main = info.is_main
+    torch.manual_seed(cfg.seed)
+    if cfg.amp and device.type != "cuda":
+        raise ValueError("--amp needs a CUDA device (on the CPU fp32 is the fast path)")
+    amp_dtype = torch.bfloat16 if cfg.amp else None
+
+    # --- data -------------------------------------------------------------------------------------------
+    train_set, test_set = _load_data(cfg, info)
+    channels = train_set.images.shape[1]
+    native = train_set.images.shape[-1]
+    image_size = cfg.image_size or native
+    if cfg.normalize:
+        mean, std = normalization_stats(train_set.images)
+    else:
+        mean, std = [0.0] * channels, [1.0] * channels
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                         f"{info.world_size} processes")
+    per_rank_batch = cfg.batch_size // info.world_size
+
+    # --- model ------------------------------------------------------------------------------------------
+    model_kwargs = dict(cfg.model_kwargs)
+    model = create_model(cfg.model, num_classes=train_set.num_classes, in_chans=channels,
+                         pretrained=cfg.pretrained, **model_kwargs)
+    side = model.min_input_size[1]
+    if image_size < side:
+        raise InputTooSmallError(f"{cfg.model} needs inputs of at least {side}x{side} pixels, but "
+                                 f"{cfg.dataset} images are {image_size}x{image_size}; pass --image-size {side} "
+                                 f"(or larger) to resize them")
+    if cfg.init == "xavier" and not cfg.pretrained:
+        _xavier_init(model)
+    frozen_note = ""
+    head_names: List[str] = []
+    if cfg.pretrained or cfg.freeze_backbone:
+        from ..models.pretrained import classifier_names, freeze_backbone
+        head_names = classifier_names(model)
+        if cfg.freeze_backbone:
+            frozen_note = freeze_backbone(model, head_names)
+    params = count_parameters(model)
+    trainable = count_parameters(model, trainable_only=True)
+    flops = summary(model, (1, channels, image_size, image_size)).total_flops
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if info.enabled and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    train_loader = Loader(train_set, per_rank_batch, train=True, augment=cfg.augment, image_size=image_size,
+                          device=device, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                          mean=mean, std=std, channels_last=cfg.channels_last)
+    test_loader = Loader(test_set, max(per_rank_batch, 256), train=False, image_size=image_size, device=device,
+                         rank=info.rank, world_size=info.world_size, mean=mean, std=std,
+                         channels_last=cfg.channels_last)
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                head_lr_mult=cfg.head_lr_mult or 1.0, head_names=head_names)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
+                                int(round(cfg.warmup * steps_per_epoch)))
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # --- run directory and resume ---------------------------------------------------------------------
+    start_epoch, start_step = 0, 0
+    history: List[Dict[str, float]] = []
+    best_acc, partial, loader_rng = 0.0, None, None
+    if resume_state is not None:
+        run_dir = Path(cfg.resume)
+        load_model_state(model, resume_state, source=str(run_dir / "last.pt"))
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        # The schedule is rebuilt for the (possibly longer) new run; its position carries over.
+        scheduler.lr_lambdas[0].total = cfg.epochs * steps_per_epoch
+        if ema is not None and resume_state.get("ema") is not None:
+            ema.load_state_dict(resume_state["ema"])
+        start_epoch, start_step = int(resume_state["epoch"]), int(resume_state.get("step", 0))
+        history = list(resume_state.get("history", []))[:start_epoch]
+        best_acc = float(resume_state.get("best_acc", 0.0))
+        partial = resume_state.get("partial")
+        loader_rng = resume_state.get("loader_rng")
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        if device.type == "cuda" and resume_state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
+    else:
+        run_dir = Path(cfg.out) / (cfg.name or _run_name(cfg))
+        if main:
+            if (run_dir / "last.pt").exists():
+                raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --name")
+            run_dir.mkdir(parents=True, exist_ok=True)
+    if start_epoch >= cfg.epochs:
+        raise ValueError(f"{run_dir} already finished {start_epoch} epochs; pass a larger --epochs to continue")
+
+    config_record = dataclasses.asdict(cfg)
+    meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
+            "in_chans": channels, "classes": list(train_set.classes), "image_size": image_size,
+            "normalization": {"mean": mean, "std": std}, "dataset": cfg.dataset}
+    if main:
+        _write_json(run_dir / "config.json", {
+            "config": config_record, "resolved_from_recipe": cfg.recipe, "versions": _versions(device),
+            "seed": cfg.seed, "world_size": info.world_size, "params": params, "trainable_params": trainable,
+            "flops_per_image": flops, "train_images": len(train_set), "test_images": len(test_set),
+            "frozen": frozen_note, **meta})
+
+    def checkpoint_state(epoch: int, step: int, partial_metrics=None, rng_state=None) -> Dict[str, Any]:
+        return {**meta, "config": config_record, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
+                "history": history, "best_acc": best_acc, "partial": partial_metrics, "loader_rng": rng_state,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+    def resume_hint() -> str:
+        return f"moderncnn train --resume {shlex.quote(str(run_dir))} --epochs {cfg.epochs}"
+
+    if main:
+        mode = "resuming" if resume_state is not None else "training"
+        print(f"{mode} {cfg.model} ({params:,} params, {flops / 1e6:.1f} MFLOPs/image) on {cfg.dataset} "
+              f"({len(train_set):,} train / {len(test_set):,} test, {image_size}x{image_size}) | recipe {cfg.recipe}: "
+              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.epochs} epochs | "
+              f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
+
+    show_bar = main and cfg.progress and sys.stdout.isatty()
+    eval_model = ema.module if ema is not None else model
+    run_start = time.perf_counter()
+    train_seconds = sum(row["seconds"] for row in history)
+    global_step = start_epoch * steps_per_epoch + start_step
+
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            net.train()
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = torch.zeros((), dtype=torch.int64, device=device)
+            elapsed_before = 0.0
+            first_step = start_step if epoch == start_epoch else 0
+            if partial is not None and epoch == start_epoch:
+                loss_sum += partial["loss_sum"]
+                correct += partial["correct"]
+                seen += partial["seen"]
+                elapsed_before = partial["seconds"]
+            batches = train_loader.iterate(epoch, first_step, loader_rng if epoch == start_epoch else None)
+            bar = None
+            if show_bar:
+                from tqdm import tqdm
+                bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="batch", leave=False, dynamic_ncols=True)
+            for step, (x, y) in enumerate(batches, start=first_step):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits, loss = _loss(net(x), y, criterion)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
+                        f"stopped. The learning rate ({scheduler.get_last_lr()[0]:.4g}) is probably too high. "
+                        f"The last good checkpoint is kept in {run_dir}.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                global_step += 1
+                loss_sum += loss.detach().double() * y.numel()
+                correct += (logits.argmax(1) == y).sum()
+                seen += y.numel()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0 or step == steps_per_epoch - 1:
+                        spent = elapsed_before + time.perf_counter() - epoch_start
+                        bar.set_postfix(loss=f"{loss_sum.item() / seen.item():.4f}",
+                                        acc=f"{correct.item() / seen.item():.4f}",
+                                        img_s=f"{seen.item() * info.world_size / max(spent, 1e-9):.0f}")
+                if stop.signum is not None:
+                    if bar is not None:
+                        bar.close()
+                    partial_metrics = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen.cpu(),
+                                       "seconds": elapsed_before + time.perf_counter() - epoch_start}
+                    next_epoch, next_step = (epoch, step + 1) if step + 1 < steps_per_epoch else (epoch + 1, 0)
+                    if next_step == 0:
+                        partial_metrics = None
+                    if main:
+                        save_checkpoint(checkpoint_state(next_epoch, next_step, partial_metrics,
+                                                         train_loader.generator.get_state()), run_dir / "last.pt")
+                    name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                    code = 130 if stop.signum == signal.SIGINT else 143
+                    message = (f"{name}: stopped at epoch {epoch + 1}, step {step + 1}; saved {run_dir / 'last.pt'}.\n"
+                               f"resume with: {resume_hint()}")
+                    raise TrainingInterrupted(message, code, run_dir)
+            if bar is not None:
+                bar.close()
+            train_time = elapsed_before + time.perf_counter() - epoch_start
+            for t in (loss_sum, correct, seen):
+                all_reduce_sum(t, info)
+            train_loss, train_acc = loss_sum.item() / seen.item(), correct.item() / seen.item()
+            test_loss, test_acc = evaluate(eval_model, test_loader, tta=bool(cfg.tta), amp_dtype=amp_dtype, info=info)
+            seconds = time.perf_counter() - epoch_start + elapsed_before
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                   "images_per_second": seen.item() / max(train_time, 1e-9)}
+            history.append(row)
+            train_seconds += seconds
+            improved = test_acc > best_acc
+            best_acc = max(best_acc, test_acc)
+            partial, loader_rng = None, None
+            if main:
+                _write_metrics(run_dir / "metrics.csv", history)
+                state = checkpoint_state(epoch + 1, 0)
+                save_checkpoint(state, run_dir / "last.pt")
+                if improved:
+                    best = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "ema")}
+                    if ema is not None:
+                        best["model"] = ema.module.state_dict()
+                    save_checkpoint(best, run_dir / "best.pt")
+                print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                      f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
+                      f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s", flush=True)
+            if cfg.budget and train_seconds >= cfg.budget and epoch + 1 < cfg.epochs:
+                if main:
+                    print(f"time budget of {cfg.budget:.0f}s reached after {epoch + 1} epochs; stopping", flush=True)
+                break
+
+    result = RunResult(run_dir, cfg, history, best_acc, history[-1]["test_acc"] if history else 0.0,
+                       train_seconds, params, flops)
+    if main:
+        _finish_run(eval_model, test_set, test_loader, cfg, run_dir, result, amp_dtype)
+    return result
+
+
+def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunResult, amp_dtype) -> None:
+    """Predictions of the final model on the whole test set, then plots and report.md."""
+    from ..report.run import write_run_report
+    full = Loader(test_set, test_loader.batch_size, train=False, image_size=test_loader.image_size,
+                  device=test_loader.device, mean=test_loader.mean_values, std=test_loader.std_values,
+                  channels_last=test_loader.channels_last)
+    _, acc, preds, probs = evaluate(model, full, tta=bool(cfg.tta), amp_dtype=amp_dtype, return_predictions=True)
+    sample = torch.arange(min(len(test_set), 32))
+    torch.save({"labels": test_set.labels, "predictions": preds, "confidence": probs.max(1).values,
+                "classes": list(test_set.classes), "sample_images": test_set.images[sample].clone(),
+                "sample_index": sample, "test_acc": acc}, run_dir / "predictions.pt")
+    write_run_report(run_dir)
+    print(f"done: final test accuracy {result.final_acc:.4f}, best {result.best_acc:.4f}, "
+          f"{result.train_seconds:.0f}s; report: {run_dir / 'report.md'}", flush=True)
+
+
+# --- using a trained model ------------------------------------------------------------------------------
+def build_model_from_checkpoint(state: Dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    model = create_model(state["model_name"], num_classes=state["num_classes"], in_chans=state["in_chans"],
+                         **state.get("model_kwargs", {}))
+    load_model_state(model, state, source)
+    model.classes = list(state.get("classes", []))
+    model.preprocessing = {"image_size": state.get("image_size"), **state.get("normalization", {})}
+    return model.eval()
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """A trained model from a run directory (its best.pt) or a checkpoint file, in eval mode.
+
+    The model carries ``.classes`` and ``.preprocessing`` (image size, mean, std) from training.
+    """
+    ckpt = resolve_checkpoint(path)
+    model = build_model_from_checkpoint(load_checkpoint(ckpt), str(ckpt))
+    return model.to(device)
