@@ -1,5 +1,4 @@
 """Readers on small files generated in the real formats, every corruption, and the loader."""
-import gzip
 import http.server
 import os
 import pickle
@@ -15,25 +14,9 @@ from PIL import Image
 from moderncnn.data import Augment, DatasetError, Loader, load_dataset, read_idx
 from moderncnn.data.datasets import ImageDataset, search_paths
 
+from helpers import make_mnist, write_idx
+
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
-    array = np.asarray(array, dtype=np.uint8)
-    header = (magic if magic is not None else 0x800 + array.ndim).to_bytes(4, "big")
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.tobytes()
-    path.write_bytes(gzip.compress(data) if compress else data)
-
-
-def make_mnist(root: Path, n_train=40, n_test=20, compress=True, labels_max=9):
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    sfx = ".gz" if compress else ""
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28)), compress)
-        write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", rng.integers(0, labels_max + 1, (n,)), compress)
-    return root
 
 
 @pytest.fixture

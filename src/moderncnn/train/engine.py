@@ -230,7 +230,7 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         config = TrainConfig.from_dict(config)
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    explicit = set(explicit or ()) | set(overrides)
+    explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
     resume_state = None
     if config.resume:
         saved, resume_state, run_dir, _ = _resume_state(config)
@@ -500,9 +500,27 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
     torch.save({"labels": test_set.labels, "predictions": preds, "confidence": probs.max(1).values,
                 "classes": list(test_set.classes), "sample_images": test_set.images[sample].clone(),
                 "sample_index": sample, "test_acc": acc}, run_dir / "predictions.pt")
+    _write_json(run_dir / "summary.json", {
+        "model": cfg.model, "dataset": cfg.dataset, "recipe": cfg.recipe, "params": result.params,
+        "flops_per_image": result.flops, "epochs_done": len(result.history), "epochs_planned": cfg.epochs,
+        "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
+        "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
+        "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": bool(cfg.tta)})
     write_run_report(run_dir)
     print(f"done: final test accuracy {result.final_acc:.4f}, best {result.best_acc:.4f}, "
           f"{result.train_seconds:.0f}s; report: {run_dir / 'report.md'}", flush=True)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run: CUDA's max allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+    except ImportError:  # Windows
+        return float("nan")
 
 
 # --- using a trained model ------------------------------------------------------------------------------

@@ -1,0 +1,34 @@
+"""Files in the real dataset formats, generated for tests."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
+    array = np.asarray(array, dtype=np.uint8)
+    header = (magic if magic is not None else 0x800 + array.ndim).to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def make_mnist(root: Path, n_train=40, n_test=20, compress=True, labels_max=9, learnable=False, seed=0):
+    """IDX files; with ``learnable`` each class is a bright square at its own place, so a model can
+    actually learn them (for end-to-end tests that check accuracy moves)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sfx = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, labels_max + 1, (n,))
+        if learnable:
+            images = rng.integers(0, 60, (n, 28, 28))
+            for i, c in enumerate(labels):
+                r, col = divmod(int(c), 4)
+                images[i, 2 + r * 8: 8 + r * 8, 2 + col * 6: 7 + col * 6] = 250
+        else:
+            images = rng.integers(0, 256, (n, 28, 28))
+        write_idx(root / f"{split}-images-idx3-ubyte{sfx}", images, compress)
+        write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", labels, compress)
+    return root

@@ -1,0 +1,296 @@
+"""End-to-end training on tiny generated data: the run directory, resume, signals, faults, eval, predict."""
+import csv
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import moderncnn
+from moderncnn.train import CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint, resolve_config
+from moderncnn.train import engine
+from moderncnn.train.checkpoint import load_model_state, save_checkpoint
+
+from helpers import make_mnist
+
+RUN_FILES = ["config.json", "metrics.csv", "curves.png", "predictions.png", "confusion.png", "report.md",
+             "last.pt", "best.pt"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=384, n_test=128, learnable=True)
+
+
+def tiny(data_dir, out, **kw):
+    base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, batch_size=64,
+                out=str(out), name="run", progress=False, lr=0.05, seed=3)
+    base.update(kw)
+    return base
+
+
+def test_end_to_end_run_directory(data_dir, tmp_path):
+    result = moderncnn.train(**tiny(data_dir, tmp_path))
+    run = tmp_path / "run"
+    for name in RUN_FILES:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["model"] == "densenet_bc_fmnist" and cfg["seed"] == 3
+    assert {"python", "torch", "moderncnn", "device"} <= set(cfg["versions"])
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == engine.METRIC_FIELDS and len(rows) == 2
+    assert float(rows[-1]["test_acc"]) == pytest.approx(result.final_acc, abs=1e-5)
+    assert result.best_acc >= result.final_acc
+    assert result.final_acc > 0.3  # learnable squares: well above chance (0.1) after 2 short epochs
+    for png in ("curves.png", "predictions.png", "confusion.png"):
+        with Image.open(run / png) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+    report = (run / "report.md").read_text()
+    assert "densenet_bc_fmnist" in report and "![curves](curves.png)" in report and "FLOPs" in report
+    assert f"{result.final_acc:.4f}" in report
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["model_name"] == "densenet_bc_fmnist"
+    model = moderncnn.load_model(run)
+    assert not model.training and model.classes == [str(i) for i in range(10)]
+
+
+def test_resume_gives_same_result_as_uninterrupted(data_dir, tmp_path):
+    straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
+    moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=1))
+    resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), epochs=2, progress=False)
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-6)
+    a = load_checkpoint(tmp_path / "a" / "run" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
+    calls = {"n": 0}
+    real_loss = engine._loss
+
+    def loss_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:  # the 8th step of 12 (6 per epoch): mid-way through epoch 2
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(engine, "_loss", loss_then_ctrl_c)
+    with pytest.raises(engine.TrainingInterrupted) as stop:
+        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2))
+    assert stop.value.exit_code == 130
+    assert "resume with: moderncnn train --resume" in str(stop.value)
+    state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 2)
+    monkeypatch.setattr(engine, "_loss", real_loss)
+    resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), progress=False)
+    assert len(resumed.history) == 2
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-6)
+
+
+def test_sigint_in_subprocess_exits_130_and_resumes(data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "moderncnn", "train", "--dataset", "mnist", "--data-dir", str(data_dir),
+           "--epochs", "400", "--batch-size", "32", "--out", str(tmp_path), "--name", "sig", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.csv"
+    import time
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert metrics.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT: stopped at epoch" in err and f"moderncnn train --resume {tmp_path / 'sig'}" in err
+    state = load_checkpoint(tmp_path / "sig" / "last.pt")
+    assert state["epoch"] >= 1
+    done = subprocess.run([sys.executable, "-m", "moderncnn", "train", "--resume", str(tmp_path / "sig"),
+                           "--epochs", str(state["epoch"] + 1), "--no-progress"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "final test accuracy" in done.stdout
+
+
+def test_sigterm_exits_143(data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "moderncnn", "train", "--dataset", "mnist", "--data-dir", str(data_dir),
+           "--epochs", "400", "--batch-size", "32", "--out", str(tmp_path), "--name", "term", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.time() + 120
+    while not (tmp_path / "term" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert load_checkpoint(tmp_path / "term" / "last.pt")["model_name"] == "densenet_bc_fmnist"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_loss = engine._loss
+    calls = {"n": 0}
+
+    def nan_in_epoch_two(*args):
+        calls["n"] += 1
+        logits, loss = real_loss(*args)
+        return logits, loss * float("nan") if calls["n"] == 9 else loss
+
+    monkeypatch.setattr(engine, "_loss", nan_in_epoch_two)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 3"):
+        moderncnn.train(**tiny(data_dir, tmp_path, epochs=3))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_is_reported(data_dir, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="learning rate"):
+        moderncnn.train(**tiny(data_dir, tmp_path, lr=1e12, epochs=1, label_smoothing=0.0))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    moderncnn.train(**tiny(data_dir, out, epochs=1))
+    return out / "run"
+
+
+def test_corrupt_truncated_and_malicious_checkpoints(trained_run, tmp_path):
+    good = (trained_run / "best.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint"):
+        load_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_another_architecture(trained_run):
+    state = load_checkpoint(trained_run / "best.pt")
+    other = moderncnn.create_model("resnet18", num_classes=10, in_chans=1)
+    with pytest.raises(CheckpointError, match=r"trained with model 'densenet_bc_fmnist'.*does not fit 'resnet18'"):
+        load_model_state(other, state)
+
+
+def test_atomic_save_leaves_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+
+
+def test_eval_cli_prints_accuracy(trained_run, data_dir, capsys):
+    from moderncnn.cli import main
+    assert main(["eval", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    state = load_checkpoint(trained_run / "best.pt")
+    assert f"test accuracy: {state['history'][-1]['test_acc']:.4f}" in out
+
+
+def test_predict_on_png_files(trained_run, tmp_path, capsys):
+    from moderncnn.cli import main
+    from moderncnn.data import load_dataset
+    state = load_checkpoint(trained_run / "best.pt")
+    test = load_dataset("mnist", root=state["config"]["data_dir"], split="test")
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(test.images[i, 0].numpy()).convert("RGB").save(p)  # RGB file: converted to grey
+        paths.append(str(p))
+    assert main(["predict", str(trained_run), *paths, "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(tmp_path)) for line in lines)
+    model = moderncnn.load_model(trained_run)
+    from moderncnn.train.predict import predict_files
+    top = predict_files(str(trained_run), paths, top_k=1)
+    with torch.no_grad():
+        x = (test.images[:3].float() / 255 - state["normalization"]["mean"][0]) / state["normalization"]["std"][0]
+        expected = model(x).argmax(1)
+    assert [t[1][0][0] for t in top] == [model.classes[i] for i in expected]
+
+
+def test_predict_unreadable_image(trained_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    from moderncnn.train.predict import predict_files
+    with pytest.raises(ValueError, match="bad.png: unreadable image"):
+        predict_files(str(trained_run), [str(bad)])
+
+
+def test_image_too_small_for_model(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"resnet18 needs inputs of at least 32x32 .* --image-size 32"):
+        moderncnn.train(**tiny(data_dir, tmp_path, model="resnet18"))
+
+
+def test_recipes_and_explicit_overrides():
+    d2l = resolve_config(TrainConfig(recipe="d2l", model="alexnet_d2l"))
+    assert (d2l.lr, d2l.batch_size, d2l.image_size, d2l.epochs) == (0.01, 128, 224, 10)
+    assert d2l.momentum == 0.0 and d2l.weight_decay == 0.0 and d2l.augment == "none" and d2l.init == "xavier"
+    dn = resolve_config(TrainConfig(recipe="d2l", model="densenet_d2l"))
+    assert (dn.lr, dn.batch_size, dn.image_size) == (0.1, 256, 96)
+    mine = resolve_config(TrainConfig(recipe="d2l", model="densenet_d2l", lr=0.3, epochs=2))
+    assert (mine.lr, mine.epochs, mine.batch_size) == (0.3, 2, 256)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        resolve_config(TrainConfig(recipe="nope"))
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from moderncnn.train.optim import param_groups
+    model = moderncnn.create_model("resnet18_wrc", num_classes=3, in_chans=1)
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name
+
+
+def test_train_cli_has_every_flag():
+    from moderncnn.cli import _register_commands, build_parser
+    _register_commands()
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ["--model", "--dataset", "--data-dir", "--image-size", "--epochs", "--batch-size", "--lr",
+                 "--optimizer", "--schedule", "--warmup", "--weight-decay", "--label-smoothing", "--ema",
+                 "--grad-clip", "--subset", "--recipe", "--seed", "--device", "--amp", "--channels-last",
+                 "--compile", "--out", "--name", "--resume", "--no-progress", "--tta"]:
+        assert flag in text, flag
+
+
+def test_d2l_recipe_runs_with_xavier_and_no_augmentation(data_dir, tmp_path):
+    result = moderncnn.train(**tiny(data_dir, tmp_path, model="densenet_d2l", recipe="d2l", epochs=1,
+                                    image_size=32, lr=None, batch_size=None))
+    cfg = result.config
+    assert cfg.init == "xavier" and cfg.augment == "none" and cfg.batch_size == 256 and cfg.momentum == 0.0
+    assert cfg.image_size == 32  # explicit flag beats the recipe's 96
