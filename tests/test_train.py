@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 def tiny(data_dir, out, **kw):
     base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, batch_size=64,
-                out=str(out), name="run", progress=False, lr=0.05, seed=3)
+                out=str(out), name="run", progress=False, lr=0.2, seed=3, augment="none")
     base.update(kw)
     return base
 
@@ -62,30 +62,52 @@ def test_end_to_end_run_directory(data_dir, tmp_path):
     assert not model.training and model.classes == [str(i) for i in range(10)]
 
 
-def test_resume_gives_same_result_as_uninterrupted(data_dir, tmp_path):
+def _interrupt_at_step(monkeypatch, n):
+    calls = {"n": 0}
+    real_loss = engine._loss
+
+    def loss_then_ctrl_c(*args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args)
+
+    monkeypatch.setattr(engine, "_loss", loss_then_ctrl_c)
+    return real_loss
+
+
+def test_resume_at_epoch_boundary_gives_same_result(data_dir, tmp_path, monkeypatch):
     straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
-    moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=1))
-    resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), epochs=2, progress=False)
+    real_loss = _interrupt_at_step(monkeypatch, 6)  # the last step of epoch 1 (384 / 64 = 6 steps)
+    with pytest.raises(engine.TrainingInterrupted):
+        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2))
+    state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert (state["epoch"], state["step"]) == (0, 6)
+    monkeypatch.setattr(engine, "_loss", real_loss)
+    resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), progress=False)
     for key in ("train_loss", "test_loss", "test_acc"):
         assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-6)
     a = load_checkpoint(tmp_path / "a" / "run" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    with open(tmp_path / "b" / "run" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_resume_extends_a_finished_run(data_dir, tmp_path):
+    moderncnn.train(**tiny(data_dir, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="already finished 1 epochs"):
+        moderncnn.train(resume=str(tmp_path / "run"), progress=False)
+    longer = moderncnn.train(resume=str(tmp_path / "run"), epochs=2, progress=False)
+    assert [r["epoch"] for r in longer.history] == [1, 2]
+    with pytest.raises(ValueError, match="already holds a run"):
+        moderncnn.train(**tiny(data_dir, tmp_path, epochs=1))
 
 
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
-    calls = {"n": 0}
-    real_loss = engine._loss
-
-    def loss_then_ctrl_c(*args):
-        calls["n"] += 1
-        if calls["n"] == 8:  # the 8th step of 12 (6 per epoch): mid-way through epoch 2
-            signal.raise_signal(signal.SIGINT)
-        return real_loss(*args)
-
-    monkeypatch.setattr(engine, "_loss", loss_then_ctrl_c)
+    real_loss = _interrupt_at_step(monkeypatch, 8)  # the 8th step of 12: mid-way through epoch 2
     with pytest.raises(engine.TrainingInterrupted) as stop:
         moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2))
     assert stop.value.exit_code == 130

@@ -123,10 +123,29 @@ class DenseBlock(nn.ModuleDict):
         self.num_output_features = num_input_features + num_layers * growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._forward_buffer(x)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+    @torch.jit.unused
+    def _forward_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        # Without autograd, every layer writes its new channels into one block-sized buffer and reads
+        # the filled prefix: no growing list of concatenations (quadratic copying) per layer.
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 \
+            else torch.contiguous_format
+        buffer = torch.empty((n, self.num_output_features, h, w), dtype=x.dtype, device=x.device,
+                             memory_format=fmt)
+        buffer[:, :c] = x
+        filled = c
+        for layer in self.values():
+            out = layer([buffer[:, :filled]])
+            buffer[:, filled:filled + out.shape[1]] = out
+            filled += out.shape[1]
+        return buffer
 
 
 class Transition(nn.Sequential):

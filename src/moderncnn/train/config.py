@@ -79,8 +79,9 @@ BASE_LR = {"sgd": 0.1, "adamw": 2e-3, "adam": 1e-3}
 
 RECIPES: Dict[str, Dict[str, Any]] = {
     # The default: a small DenseNet-BC, SGD + one-cycle, crop+flip, label smoothing. See README.
-    "fast": dict(model="densenet_bc_fmnist", epochs=6, batch_size=128, optimizer="sgd", lr=0.2,
-                 schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip"),
+    "fast": dict(model="densenet_bc_fmnist", epochs=5, batch_size=128, optimizer="sgd", lr=0.2,
+                 schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip",
+                 channels_last=True),
     # Dive into Deep Learning, chapter 7, exactly as the book trains (per-model values in D2L_SETTINGS).
     "d2l": dict(epochs=10, optimizer="sgd", momentum=0.0, schedule="constant", warmup=0.0, weight_decay=0.0,
                 label_smoothing=0.0, ema=0.0, grad_clip=0.0, augment="none", normalize=False, init="xavier",

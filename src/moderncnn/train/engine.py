@@ -438,11 +438,9 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                         bar.close()
                     partial_metrics = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen.cpu(),
                                        "seconds": elapsed_before + time.perf_counter() - epoch_start}
-                    next_epoch, next_step = (epoch, step + 1) if step + 1 < steps_per_epoch else (epoch + 1, 0)
-                    if next_step == 0:
-                        partial_metrics = None
+                    # Resume continues after this step (after the evaluation, if it was the epoch's last).
                     if main:
-                        save_checkpoint(checkpoint_state(next_epoch, next_step, partial_metrics,
+                        save_checkpoint(checkpoint_state(epoch, step + 1, partial_metrics,
                                                          train_loader.generator.get_state()), run_dir / "last.pt")
                     name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
                     code = 130 if stop.signum == signal.SIGINT else 143
