@@ -1,4 +1,5 @@
 """Readers on small files generated in the real formats, every corruption, and the loader."""
+import gzip
 import http.server
 import os
 import pickle
