@@ -80,13 +80,14 @@ _EXTRA_COMMANDS: List = []
 
 
 def _register_commands() -> None:
-    if not _EXTRA_COMMANDS:
-        from .train import cli as _train_cli  # noqa: F401  (adds train, eval, predict)
-        for module in ("compare", "bench", "export"):
-            try:
-                __import__(f"moderncnn.{module}")
-            except ImportError:
-                pass
+    # Importing a command's module appends its registration function to _EXTRA_COMMANDS (once).
+    import importlib
+    for module in ("train.cli", "compare", "bench", "export"):
+        try:
+            importlib.import_module(f"moderncnn.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"moderncnn.{module}":
+                raise
 
 
 def main(argv: Optional[List[str]] = None) -> int:

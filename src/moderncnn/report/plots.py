@@ -14,11 +14,15 @@ import torch  # noqa: E402
 __all__ = ["plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix"]
 
 
-def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "") -> Path:
-    """Loss and accuracy against epochs (d2l's Animator picture, split into two panels)."""
+def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
+    """Loss and accuracy against epochs (d2l's Animator picture, split into two panels).
+
+    With label smoothing the training loss is the smoothed loss the optimizer sees, which cannot fall to
+    the plain cross-entropy of the test set; the legend says so."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    train_label = f"train loss (label smoothing {label_smoothing:g})" if label_smoothing else "train loss"
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label=train_label)
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")

@@ -25,7 +25,8 @@ def write_run_report(run_dir: Path) -> Path:
     info = json.loads((run_dir / "config.json").read_text())
     cfg = info["config"]
     history = read_metrics(run_dir / "metrics.csv")
-    plot_curves(history, run_dir / "curves.png", f"{cfg['model']} on {cfg['dataset']}")
+    plot_curves(history, run_dir / "curves.png", f"{cfg['model']} on {cfg['dataset']}",
+                label_smoothing=cfg.get("label_smoothing") or 0.0)
     preds = torch.load(run_dir / "predictions.pt", weights_only=True)
     classes = preds["classes"]
     plot_predictions(preds["sample_images"], preds["labels"][preds["sample_index"]],
@@ -60,7 +61,8 @@ def write_run_report(run_dir: Path) -> Path:
         f"augmentation {cfg['augment']}{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
         f"{', flip TTA' if cfg['tta'] else ''}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",
-        f"| throughput | {final['images_per_second']:.0f} training images/s (last epoch) |",
+        f"| throughput | {sum(r['images_per_second'] for r in history) / len(history):.0f} training images/s "
+        f"(mean over epochs) |",
         f"| software | Python {versions.get('python')}, torch {versions.get('torch')}, "
         f"moderncnn {versions.get('moderncnn')} |",
     ]

@@ -1,0 +1,193 @@
+"""Side-by-side speed and memory against torchvision's same networks, measured in the same run.
+
+For each model: training images/s (normal mode, and memory-efficient mode for DenseNets), peak memory,
+and inference images/s of :func:`optimize_for_inference` against torchvision's ``eval()``. On the CPU
+every training configuration runs in a fresh subprocess, so its peak RSS is its own; on CUDA the peak is
+``torch.cuda.max_memory_allocated``. Ratios are ours / torchvision's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .cli import _EXTRA_COMMANDS, _parse_size
+
+__all__ = ["run_benchmark", "torchvision_counterpart", "measure"]
+
+
+def torchvision_counterpart(name: str, num_classes: int, in_chans: int, memory_efficient: bool = False) -> nn.Module:
+    """torchvision's implementation of the same network (first convolution adapted to ``in_chans``)."""
+    import torchvision.models as tvm
+    if name == "densenet_bc_100":  # torchvision's DenseNet class with the CIFAR stem of the paper
+        model = tvm.DenseNet(growth_rate=12, block_config=(16, 16, 16), num_init_features=24, bn_size=4,
+                             num_classes=num_classes, memory_efficient=memory_efficient)
+        model.features.conv0 = nn.Conv2d(in_chans, 24, 3, padding=1, bias=False)
+        for attr in ("norm0", "relu0", "pool0"):
+            setattr(model.features, attr, nn.Identity())
+        return model
+    kwargs = {"memory_efficient": memory_efficient} if name.startswith("densenet") else {}
+    if name == "googlenet":
+        kwargs.update(aux_logits=False, init_weights=True)
+    model = getattr(tvm, name)(num_classes=num_classes, **kwargs)
+    if in_chans != 3:
+        if name.startswith("densenet"):
+            old = model.features.conv0
+            model.features.conv0 = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                             bias=False)
+        elif name.startswith("resnet"):
+            model.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        else:
+            raise ValueError(f"no in_chans adaptation for torchvision's {name}")
+    return model
+
+
+def _build(impl: str, name: str, num_classes: int, in_chans: int, memory_efficient: bool) -> nn.Module:
+    if impl == "torchvision":
+        return torchvision_counterpart(name, num_classes, in_chans, memory_efficient)
+    from .models import create_model
+    kwargs = {"memory_efficient": True} if memory_efficient else {}
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
+            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False) -> Dict:
+    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt"."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    c = input_size[0]
+    model = _build(impl, name, 10, c, mode == "train_me").to(dev)
+    x = torch.randn(batch, *input_size, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=fmt)
+    amp_ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else (lambda: torch.autocast(dev.type, enabled=False))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    if mode.startswith("train"):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            with amp_ctx():
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+        if mode == "eval_opt":
+            from .models.inference import optimize_for_inference
+            model = optimize_for_inference(model, channels_last=True)
+
+        def step():
+            with torch.inference_mode(), amp_ctx():
+                model(x)
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    result = {"impl": impl, "model": name, "mode": mode, "images_per_second": steps * batch / seconds,
+              "batch": batch, "device": str(dev)}
+    if dev.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    else:
+        import resource
+        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _measure_isolated(args: Dict) -> Dict:
+    """Run :func:`measure` in a fresh interpreter so peak RSS belongs to this configuration alone."""
+    cmd = [sys.executable, "-c", "import json,sys; from moderncnn.bench import measure; "
+           "print(json.dumps(measure(**json.loads(sys.argv[1]))))", json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of {args} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64, device: str = "cpu",
+                  steps: int = 5, eval_batch: int = 128, amp: bool = False, channels_last: bool = False,
+                  isolate: Optional[bool] = None, out=print) -> List[Dict]:
+    """Measure every configuration and print a side-by-side table; returns one row per model."""
+    isolate = (device == "cpu") if isolate is None else isolate
+    run = _measure_isolated if isolate else (lambda a: measure(**a))
+    rows = []
+    for name in models:
+        dense = name.startswith("densenet")
+        base = dict(name=name, input_size=list(input_size), device=device, steps=steps, amp=amp,
+                    channels_last=channels_last)
+        r = {"model": name}
+        for impl in ("torchvision", "moderncnn"):
+            key = "tv" if impl == "torchvision" else "ours"
+            r[f"{key}_train"] = run(dict(base, impl=impl, mode="train", batch=batch))
+            if dense:
+                r[f"{key}_train_me"] = run(dict(base, impl=impl, mode="train_me", batch=batch))
+        r["tv_eval"] = run(dict(base, impl="torchvision", mode="eval", batch=eval_batch, steps=max(2, steps // 2)))
+        r["ours_eval_opt"] = run(dict(base, impl="moderncnn", mode="eval_opt", batch=eval_batch,
+                                      steps=max(2, steps // 2)))
+        rows.append(r)
+        out(_format_row(r))
+    return rows
+
+
+def _format_row(r: Dict) -> str:
+    tv, ours = r["tv_train"], r["ours_train"]
+    lines = [f"\n{r['model']} ({tv['device']}, train batch {tv['batch']}, eval batch {r['tv_eval']['batch']})",
+             f"  {'configuration':34s} {'img/s':>8s} {'peak MB':>9s} {'speed vs tv':>12s} {'memory vs tv':>13s}"]
+
+    def line(label, m):
+        lines.append(f"  {label:34s} {m['images_per_second']:8.1f} {m['peak_mb']:9.0f} "
+                     f"{m['images_per_second'] / tv['images_per_second']:11.2f}x {m['peak_mb'] / tv['peak_mb']:12.2f}x")
+
+    line("torchvision train", tv)
+    if "tv_train_me" in r:
+        line("torchvision train memory_efficient", r["tv_train_me"])
+    line("moderncnn train", ours)
+    if "ours_train_me" in r:
+        line("moderncnn train memory_efficient", r["ours_train_me"])
+    ev, opt = r["tv_eval"], r["ours_eval_opt"]
+    lines.append(f"  {'torchvision eval()':34s} {ev['images_per_second']:8.1f}")
+    lines.append(f"  {'moderncnn optimize_for_inference':34s} {opt['images_per_second']:8.1f} {'':9s} "
+                 f"{opt['images_per_second'] / ev['images_per_second']:11.2f}x")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
+                  args.amp, args.channels_last)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="speed and memory side by side with torchvision")
+    p.add_argument("--models", default="densenet121,densenet_bc_100,resnet18")
+    p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default 1x96x96)")
+    p.add_argument("--batch", type=int, default=64, help="training batch (default 64)")
+    p.add_argument("--eval-batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--channels-last", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+_EXTRA_COMMANDS.append(register)
