@@ -370,3 +370,24 @@ def test_augment_spec_parsing():
     assert not Augment.parse("none").enabled
     with pytest.raises(ValueError, match="unknown augmentation rotate"):
         Augment.parse("crop+rotate")
+
+
+def test_fused_crop_flip_matches_pad_then_crop():
+    """The gather-based crop+flip equals padding the image and cutting the window, for both modes."""
+    from torch.nn import functional as F
+    from moderncnn.data.loader import crop_flip_gather
+    images = torch.randint(0, 256, (50, 2, 9, 7), dtype=torch.uint8)
+    index = torch.arange(50).flip(0)
+    for mode in ("reflect", "zeros"):
+        g = torch.Generator().manual_seed(4)
+        out = crop_flip_gather(images, index, g, padding=3, flip=True, mode=mode)
+        g = torch.Generator().manual_seed(4)  # replay the same draws
+        dy = torch.randint(0, 7, (50, 1), generator=g)
+        dx = torch.randint(0, 7, (50, 1), generator=g)
+        mirrored = torch.rand(50, 1, generator=g) < 0.5
+        padded = F.pad(images[index].float(), (3, 3, 3, 3), mode="reflect" if mode == "reflect" else "constant")
+        for i in range(50):
+            window = padded[i, :, dy[i, 0]:dy[i, 0] + 9, dx[i, 0]:dx[i, 0] + 7]
+            if mirrored[i, 0]:
+                window = window.flip(-1)
+            assert torch.equal(out[i].float(), window), (mode, i)

@@ -16,10 +16,10 @@ HUGE = {"vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", 
         "alexnet_d2l", "vgg_d2l", "resnet152", "resnet101", "densenet264", "densenet161", "densenet201", "nin"}
 
 
-def _check_onnx(name, tmp_path):
+def _check_onnx(name, tmp_path, default_size=False):
     model = create_model(name, num_classes=10, in_chans=1).eval()
-    c, h, w = model.min_input_size
-    size = max(h, 32)
+    c, h, w = model.default_input_size if default_size else model.min_input_size
+    size = h if default_size else max(h, 32)
     path = export_model(model, tmp_path / f"{name}.onnx", "onnx", (c, size, size))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
@@ -40,7 +40,8 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HUGE))
 def test_onnx_export_matches_pytorch_large_models(name, tmp_path):
-    _check_onnx(name, tmp_path)
+    # At their ImageNet size: ONNX cannot express an adaptive pool that upsamples (AlexNet/VGG at 32x32).
+    _check_onnx(name, tmp_path, default_size=True)
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet18_wrc", "googlenet", "cspresnet50"])

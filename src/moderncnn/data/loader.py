@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from .datasets import ImageDataset, normalization_stats
 
-__all__ = ["Augment", "Loader", "random_crop", "random_flip", "random_erasing", "resize"]
+__all__ = ["Augment", "Loader", "random_crop", "random_flip", "random_erasing", "resize", "crop_flip_gather"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,45 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.25,
     in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]
     return x.masked_fill(mask, value)
+
+
+def _reflect(pos: torch.Tensor, size: int) -> torch.Tensor:
+    # Index of a reflect-padded position (no edge repeat, as F.pad's "reflect"), valid for |pad| < size.
+    pos = pos.abs()
+    return torch.where(pos >= size, 2 * (size - 1) - pos, pos)
+
+
+def crop_flip_gather(images: torch.Tensor, index: torch.Tensor, generator: torch.Generator, padding: int,
+                     flip: bool, mode: str = "reflect") -> torch.Tensor:
+    """Random crop (with padding) and horizontal flip of ``images[index]`` in one gather on uint8 data.
+
+    The padded image is never built: each output pixel's source row and column are computed from the
+    sample's random offset (reflected at the borders, or masked to 0 for zero padding) and flip, so a
+    batch costs one indexed read of N x C x H x W bytes.
+    """
+    n = index.shape[0]
+    _, c, h, w = images.shape
+    dev = images.device
+    rows = torch.arange(h, device=dev).expand(n, h)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if padding:
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator) - padding
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator) - padding
+        rows, cols = rows + dy, cols + dx
+    if flip:
+        mirrored = torch.rand(n, 1, device=dev, generator=generator) < 0.5
+        cols = torch.where(mirrored, cols.flip(1), cols)
+    inside = None
+    if padding and (mode != "reflect" or padding >= min(h, w)):
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    elif padding:
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    out = torch.gather(images[index].view(n, c, h * w), 2, flat).view(n, c, h, w)
+    if inside is not None:
+        out = out * inside[:, None].to(out.dtype)
+    return out
 
 
 def resize(x: torch.Tensor, size: Optional[Sequence[int]]) -> torch.Tensor:
@@ -191,16 +230,25 @@ class Loader:
         return perm[self.rank:usable:self.world_size]
 
     def transform(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """uint8 batch -> float32, augmented (training), resized and normalised."""
-        x = images.float().div_(255)
+        """uint8 batch -> float32, resized and normalised (augmented: use :meth:`batch`)."""
+        return self._finish(images, generator)
+
+    def batch(self, index: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The images at ``index`` as a training/test batch: crop and flip are fused with the gather."""
         aug = self.augment
-        if self.train and aug.enabled:
-            if aug.crop_padding:
-                x = random_crop(x, aug.crop_padding, generator, aug.padding_mode)
-            if aug.flip:
-                x = random_flip(x, generator)
-        x = resize(x, self.image_size)
-        x = (x - self.mean) / self.std
+        if self.train and (aug.crop_padding or aug.flip):
+            images = crop_flip_gather(self.images, index, generator, aug.crop_padding, aug.flip, aug.padding_mode)
+        else:
+            images = self.images[index]
+        return self._finish(images, generator)
+
+    def _finish(self, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        aug = self.augment
+        x = images.float()
+        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
+            x = resize(x.div_(255), self.image_size).sub_(self.mean).div_(self.std)
+        else:  # one fused affine map from bytes to normalised values
+            x = x.sub_(self.mean * 255).div_(self.std * 255)
         if self.train and aug.erasing:
             x = random_erasing(x, generator, aug.erasing)
         if self.channels_last:
@@ -223,4 +271,4 @@ class Loader:
             self.generator.set_state(generator_state)
         for b in range(start_batch, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.transform(self.images[idx], self.generator), self.labels[idx]
+            yield self.batch(idx, self.generator), self.labels[idx]
