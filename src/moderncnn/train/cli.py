@@ -52,6 +52,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=None, help="image folders without test/: hold-out share")
     p.add_argument("--memory-efficient", action="store_true", default=None,
                    help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
+    p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="constructor argument of the model, e.g. small_input=True (repeatable)")
 
 
 def config_from_args(args) -> tuple:
@@ -64,9 +66,28 @@ def config_from_args(args) -> tuple:
         values[fieldname] = value
         explicit.add(fieldname)
     cfg = TrainConfig(**values)
+    kwargs = parse_model_args(getattr(args, "model_arg", None) or [])
     if getattr(args, "memory_efficient", None):
-        cfg.model_kwargs = dict(cfg.model_kwargs, memory_efficient=True)
+        kwargs["memory_efficient"] = True
+    if kwargs:
+        cfg.model_kwargs = kwargs
+        explicit.add("model_kwargs")
     return cfg, explicit
+
+
+def parse_model_args(items) -> dict:
+    """["small_input=True", "drop_rate=0.2", "block_config=(4,8,8)"] -> {...} (Python literals, else strings)."""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
 
 
 def cmd_train(args) -> int:

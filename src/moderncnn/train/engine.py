@@ -33,7 +33,7 @@ from ..models.layers import InputTooSmallError
 from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_config
-from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
+from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
@@ -296,6 +296,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if info.enabled and cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net: nn.Module = model
     if info.enabled:
@@ -343,7 +345,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         if device.type == "cuda" and resume_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
     else:
-        run_dir = Path(cfg.out) / (cfg.name or _run_name(cfg))
+        run_dir = Path(broadcast_object(str(Path(cfg.out) / (cfg.name or _run_name(cfg))), info))
         if main:
             if (run_dir / "last.pt").exists():
                 raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --name")

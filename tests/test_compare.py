@@ -1,0 +1,54 @@
+"""moderncnn compare on a tiny generated dataset: every file, every row, resume, budget."""
+import csv
+import json
+
+import pytest
+
+from moderncnn.compare import compare, parse_budget
+
+from helpers import make_mnist
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64, learnable=True)
+
+
+def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, capsys):
+    models = ["densenet_bc_fmnist", "resnet18"]
+    comp = compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
+                   train_args=["--data-dir", str(data_dir), "--batch-size", "32", "--image-size", "32"])
+    for name in ("report.md", "results.csv", "accuracy.png", "tradeoff.png", "compare.json"):
+        assert (comp / name).is_file(), name
+    with open(comp / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model"] for r in rows) == sorted(models)
+    accs = [float(r["best_acc"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)  # sorted by accuracy
+    for r in rows:
+        assert int(r["params"]) > 0 and int(r["flops_per_image"]) > 0 and float(r["peak_memory_mb"]) > 0
+        assert int(r["epochs_done"]) == 1
+    report = (comp / "report.md").read_text()
+    assert all(f"| {m} |" in report for m in models) and "FLOPs/image" in report
+    stamp = (comp / "resnet18" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
+            train_args=["--data-dir", str(data_dir), "--batch-size", "32", "--image-size", "32"])
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 2
+    assert (comp / "resnet18" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_budget_stops_after_the_epoch_that_passes_it(data_dir, tmp_path):
+    comp = compare(["densenet_bc_fmnist"], dataset="mnist", epochs=3, budget="0.001s", out=str(tmp_path),
+                   name="b", progress=False, train_args=["--data-dir", str(data_dir), "--batch-size", "32"])
+    summary = json.loads((comp / "densenet_bc_fmnist" / "summary.json").read_text())
+    assert summary["epochs_done"] == 1 and summary["epochs_planned"] == 3
+
+
+def test_parse_budget_and_unknown_model(tmp_path):
+    assert parse_budget("10m") == 600 and parse_budget("1.5h") == 5400 and parse_budget("90") == 90
+    with pytest.raises(ValueError, match="budget must look like"):
+        parse_budget("ten minutes")
+    with pytest.raises(ValueError, match="unknown model 'resnet19'"):
+        compare(["resnet19"], out=str(tmp_path))
