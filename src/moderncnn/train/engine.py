@@ -30,6 +30,7 @@ from ..data import Loader, load_dataset
 from ..data.datasets import normalization_stats
 from ..models import create_model
 from ..models.layers import InputTooSmallError
+from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_config
@@ -258,6 +259,10 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     amp_dtype = torch.bfloat16 if cfg.amp else None
 
     # --- data -------------------------------------------------------------------------------------------
+    if cfg.pretrained is True and not cfg.image_size:
+        from ..models.pretrained import has_pretrained, preprocessing
+        if has_pretrained(cfg.model):  # the resolution the ImageNet weights were trained at
+            cfg = dataclasses.replace(cfg, image_size=preprocessing(cfg.model)["crop"])
     train_set, test_set = _load_data(cfg, info)
     channels = train_set.images.shape[1]
     native = train_set.images.shape[-1]
@@ -284,11 +289,18 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         _xavier_init(model)
     frozen_note = ""
     head_names: List[str] = []
+    head_lr_mult = cfg.head_lr_mult or 1.0
     if cfg.pretrained or cfg.freeze_backbone:
         from ..models.pretrained import classifier_names, freeze_backbone
         head_names = classifier_names(model)
         if cfg.freeze_backbone:
             frozen_note = freeze_backbone(model, head_names)
+        else:
+            head_lr_mult = cfg.head_lr_mult or 10.0  # new head learns fast, pretrained backbone slowly
+            frozen_note = (f"all parameters; classifier ({', '.join(head_names)}) at {head_lr_mult:g}x the "
+                           f"learning rate of the pretrained backbone")
+    if getattr(model, "pretrained_cfg", None) and cfg.normalize:
+        mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
     params = count_parameters(model)
     trainable = count_parameters(model, trainable_only=True)
     flops = summary(model, (1, channels, image_size, image_size)).total_flops
@@ -314,7 +326,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                          channels_last=cfg.channels_last)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
-                                head_lr_mult=cfg.head_lr_mult or 1.0, head_names=head_names)
+                                head_lr_mult=head_lr_mult, head_names=head_names)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
                                 int(round(cfg.warmup * steps_per_epoch)))
     ema = None
@@ -391,6 +403,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     with _StopFlag() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
+            keep_frozen_norms_in_eval(model)
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)

@@ -1,0 +1,199 @@
+"""ImageNet weights through torchvision's own weights registry (its URLs, its SHA-256 file names, torch.hub's
+cache and hash check), loaded with ``weights_only=True``, then adapted to ``num_classes`` and ``in_chans``.
+
+* a different ``num_classes`` gets a freshly initialised classifier;
+* ``in_chans=1`` sums the first convolution's RGB filters (timm's rule: a grey image is the sum of its
+  channels' evidence); other counts repeat the RGB filters and rescale by 3/in_chans;
+* ``pretrained="file.pth"`` loads a local state dict (torchvision layout, or a moderncnn checkpoint).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+from urllib.error import URLError
+
+import torch
+from torch import nn
+
+__all__ = ["has_pretrained", "create_pretrained", "weights_url", "classifier_names", "freeze_backbone",
+           "PretrainedError", "adapt_first_conv"]
+
+# moderncnn name -> torchvision builder name (the same network, the same state-dict keys).
+_TORCHVISION = {n: n for n in ["alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn",
+                               "vgg19_bn", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                               "densenet121", "densenet161", "densenet169", "densenet201"]}
+
+
+class PretrainedError(ValueError):
+    """Weights that cannot be fetched, verified or loaded."""
+
+
+def has_pretrained(name: str) -> bool:
+    return name in _TORCHVISION
+
+
+def _weights(name: str):
+    from torchvision.models import get_model_weights
+    return get_model_weights(_TORCHVISION[name]).DEFAULT
+
+
+def weights_url(name: str) -> str:
+    """Where torchvision publishes ``name``'s default ImageNet weights. ``$MODERNCNN_WEIGHTS_MIRROR``
+    replaces the host part (for a local mirror)."""
+    url = _weights(name).url
+    mirror = os.environ.get("MODERNCNN_WEIGHTS_MIRROR")
+    if mirror:
+        url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1]
+    return url
+
+
+def preprocessing(name: str) -> Dict:
+    """The input pipeline the weights were trained with (resize, crop, mean, std)."""
+    t = _weights(name).transforms()
+    return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std)}
+
+
+def _download(name: str) -> Dict[str, torch.Tensor]:
+    url = weights_url(name)
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
+                                                  weights_only=True)
+    except RuntimeError as exc:
+        if "hash" in str(exc):
+            raise PretrainedError(f"{url}: checksum mismatch ({exc}); the download was not kept") from None
+        raise PretrainedError(f"{url}: could not load the weights ({exc})") from None
+    except (URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PretrainedError(
+            f"could not download {url} ({reason}). Offline? Put the file by hand at "
+            f"{hub_dir / url.rsplit('/', 1)[1]} (or pass pretrained='path/to/file.pth')") from None
+
+
+def _load_local(path) -> Dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(f"{path}: no such weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated zip, ...
+        raise PretrainedError(f"{path}: cannot be read as a state dict ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a moderncnn checkpoint
+    if not isinstance(state, dict):
+        raise PretrainedError(f"{path}: not a state dict")
+    return state
+
+
+def classifier_names(model: nn.Module) -> List[str]:
+    """Top-level modules forming the classifier head (trained first / alone when fine-tuning)."""
+    names = [n for n in ("fc", "classifier", "head") if isinstance(getattr(model, n, None), nn.Module)]
+    names += [n for n in ("aux1", "aux2") if isinstance(getattr(model, n, None), nn.Module)]
+    return names
+
+
+def _last_linear(module: nn.Module):
+    found = None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            found = name
+    return found
+
+
+def _replace(module: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent = module
+    *path, last = dotted.split(".")
+    for p in path:
+        parent = getattr(parent, p)
+    setattr(parent, last, new)
+
+
+@torch.no_grad()
+def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """RGB filters -> ``in_chans`` filters (sum for 1; repeat and rescale by 3/in_chans otherwise)."""
+    if in_chans == weight.shape[1]:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_chans / weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def create_pretrained(name: str, build: Callable[..., nn.Module], pretrained, num_classes: int = 1000,
+                      in_chans: int = 3, **kwargs) -> nn.Module:
+    if pretrained is True:
+        if not has_pretrained(name):
+            raise PretrainedError(f"no ImageNet weights for {name}; models with weights: "
+                                  f"{', '.join(sorted(_TORCHVISION))}")
+        if name == "googlenet" and in_chans == 3:
+            kwargs.setdefault("transform_input", True)  # as torchvision builds it for these weights
+        state = _download(name)
+        cfg = preprocessing(name)
+    else:
+        state = _load_local(pretrained)
+        cfg = None
+    first = next((k for k, v in state.items() if k.endswith("weight") and v.dim() == 4), None)
+    source_chans = state[first].shape[1] if first else in_chans
+    head_key = None
+    model = build(num_classes=num_classes, in_chans=source_chans, **kwargs)
+    # The checkpoint's classifier size decides the model we load into; a different one is replaced below.
+    head_linear = _last_linear(model)
+    if head_linear and f"{head_linear}.weight" in state:
+        head_key = head_linear
+        ckpt_classes = state[f"{head_linear}.weight"].shape[0]
+        if ckpt_classes != num_classes:
+            model = build(num_classes=ckpt_classes, in_chans=source_chans, **kwargs)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PretrainedError(f"weights do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if head_key is not None and model.num_classes != num_classes:
+        for head in [head_key] + [f"{aux}.fc2" for aux in ("aux1", "aux2") if getattr(model, aux, None) is not None]:
+            old = model.get_submodule(head)
+            fresh = nn.Linear(old.in_features, num_classes)
+            _replace(model, head, fresh)
+        model.num_classes = num_classes
+    if in_chans != source_chans:
+        conv_name = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        conv = model.get_submodule(conv_name)
+        new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        bias=conv.bias is not None)
+        new.weight.data.copy_(adapt_first_conv(conv.weight.data, in_chans))
+        if conv.bias is not None:
+            new.bias.data.copy_(conv.bias.data)
+        _replace(model, conv_name, new)
+        model.in_chans = in_chans
+        model.min_input_size = (in_chans, *model.min_input_size[1:])
+        model.default_input_size = (in_chans, *model.default_input_size[1:])
+        if getattr(model, "transform_input", False):
+            model.transform_input = False
+    if cfg is not None:
+        if in_chans != 3:  # one grey channel stands for the mean of the RGB statistics
+            cfg = dict(cfg, mean=[sum(cfg["mean"]) / 3] * in_chans, std=[sum(cfg["std"]) / 3] * in_chans)
+        model.pretrained_cfg = cfg
+    return model
+
+
+def freeze_backbone(model: nn.Module, head_names: List[str]) -> str:
+    """Freeze everything but the head: no gradients, and BatchNorm layers kept in eval mode (their
+    running statistics stay as trained). Returns a one-line description for the report."""
+    prefixes = tuple(f"{h}." for h in head_names)
+    frozen = trained = 0
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            trained += p.numel()
+        else:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith(prefixes):
+            m.moderncnn_frozen = True
+    return f"classifier only ({', '.join(head_names)}): {trained:,} trained, {frozen:,} frozen"
+
+
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """Call after ``model.train()``: frozen BatchNorms normalise with their stored statistics."""
+    for m in model.modules():
+        if getattr(m, "moderncnn_frozen", False):
+            m.eval()
