@@ -252,3 +252,37 @@ def test_memory_efficient_same_outputs_and_gradients(name):
 def test_package_exports():
     assert moderncnn.create_model is create_model
     assert callable(moderncnn.summary)
+
+
+# --- optimize_for_inference -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_optimize_for_inference_equals_model(name):
+    from moderncnn.models.inference import optimize_for_inference
+    model = create_model(name, num_classes=10, in_chans=1)
+    # Non-trivial BatchNorm statistics, so that folding them is really tested.
+    model.train()
+    c, h, w = model.min_input_size
+    size = max(h, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, c, size, size))
+    model.eval()
+    x = torch.randn(3, c, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+    if name not in HUGE:
+        traced = optimize_for_inference(model, example=x[:2])
+        torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-4)  # another batch size
+    assert model.training is False and all(p.requires_grad for p in model.parameters())  # untouched
+
+
+def test_densenet_no_grad_buffer_path_equals_concat_path():
+    model = create_model("densenet_bc_100", num_classes=10, in_chans=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+    with torch.enable_grad():
+        slow = model(x)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
