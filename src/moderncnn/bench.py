@@ -115,20 +115,31 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
 
 
 # glibc raises its mmap threshold after large frees and then keeps freed activation buffers in the heap,
-# so peak RSS measures allocator history as much as memory use. Every configuration (torchvision's too)
-# runs with the threshold pinned at its 128 KiB default, so that RSS follows live memory.
+# so peak RSS measures allocator history as much as memory use. Memory runs (torchvision's too) pin the
+# threshold at its 128 KiB default, so that RSS follows live memory; speed runs leave malloc alone
+# (pinning costs page faults on every large allocation).
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _measure_isolated(args: Dict) -> Dict:
-    """Run :func:`measure` in a fresh interpreter so peak RSS belongs to this configuration alone."""
+def _subprocess_measure(args: Dict, pin_malloc: bool) -> Dict:
     import os
     cmd = [sys.executable, "-c", "import json,sys; from moderncnn.bench import measure; "
            "print(json.dumps(measure(**json.loads(sys.argv[1]))))", json.dumps(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_MALLOC_ENV})
+    env = {**os.environ, **_MALLOC_ENV} if pin_malloc else dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {args} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_isolated(args: Dict) -> Dict:
+    """Speed in one fresh interpreter, peak RSS (one step, pinned malloc) in another: each figure belongs
+    to this configuration alone."""
+    result = _subprocess_measure(args, pin_malloc=False)
+    if args.get("mode", "").startswith("train"):
+        memory = _subprocess_measure(dict(args, steps=1, warmup=1), pin_malloc=True)
+        result["peak_mb"] = memory["peak_mb"]
+    return result
 
 
 def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64, device: str = "cpu",

@@ -25,9 +25,11 @@ def cmd_models(args) -> int:
         pretrained = set(list_models(args.pattern, pretrained=True))
     except ImportError:
         pretrained = set()
+    import torch
     print(f"{'model':18s} {'params (1000 classes, RGB)':>28s}  {'min input':>10s}  pretrained")
     for name in names:
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = create_model(name)
         side = model.min_input_size[1]
         mark = "yes" if name in pretrained else ""
         print(f"{name:18s} {count_parameters(model):>28,d}  {f'{side}x{side}':>10s}  {mark}")
@@ -99,6 +101,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if getattr(args, "debug", False):
             raise
