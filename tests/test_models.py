@@ -273,7 +273,7 @@ def test_optimize_for_inference_equals_model(name):
     fast = optimize_for_inference(model)
     torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
     if name not in HUGE:
-        traced = optimize_for_inference(model, example=x[:2])
+        traced = optimize_for_inference(model, example=x[:2], jit=True)
         torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-4)  # another batch size
     assert model.training is False and all(p.requires_grad for p in model.parameters())  # untouched
 

@@ -100,7 +100,7 @@ class _EfficientDenseLayer(torch.autograd.Function):
             return gx
 
         def norm_backward(grad, x, y, norm, mean, invstd):
-            grad = grad.masked_fill_(y <= 0, 0)  # ReLU's backward, on the recomputed output
+            grad = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's backward, on the recomputed output
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 grad, x, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps,
                 [True, True, True])
@@ -144,7 +144,15 @@ class DenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
 
     def concat_norm_conv(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+            # Eval without autograd: BN with running statistics is one per-channel multiply-add, done
+            # straight from the (possibly strided) block buffer into a dense tensor, ReLU in place.
+            norm = self.norm1
+            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+            return self.conv1(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_())
+        return self.conv1(self.relu1(self.norm1(x)))
 
     def _momentum(self, norm: nn.BatchNorm2d) -> float:
         # What nn.BatchNorm2d does in training: count the batch, cumulative average when momentum is None.
