@@ -53,7 +53,8 @@ def main():
     parser.add_argument("--input", type=_parse_size, default=(1, 96, 96))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--eval-batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
@@ -62,7 +63,7 @@ def main():
     args = parser.parse_args()
     if args.models:
         run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
-                      args.amp, args.channels_last)
+                      args.amp, args.channels_last, repeats=args.repeats)
     if args.memory_plot:
         memory_curve(args.input, [int(b) for b in args.batches.split(",")], args.device,
                      Path(__file__).parent / "results" / "densenet121_memory.png")

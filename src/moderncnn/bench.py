@@ -62,8 +62,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
-            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False) -> Dict:
-    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt"."""
+            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False,
+            repeats: int = 1) -> Dict:
+    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt".
+
+    ``repeats`` rounds of ``steps`` timed steps; the fastest round counts (as timeit does: slower rounds
+    measure other processes on a shared machine, not the code)."""
     dev = torch.device(device)
     torch.manual_seed(0)
     c = input_size[0]
@@ -99,11 +103,13 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
     for _ in range(warmup):
         step()
     _sync(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    seconds = time.perf_counter() - start
+    seconds = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(dev)
+        seconds = min(seconds, time.perf_counter() - start)
     result = {"impl": impl, "model": name, "mode": mode, "images_per_second": steps * batch / seconds,
               "batch": batch, "device": str(dev)}
     if dev.type == "cuda":
@@ -137,14 +143,14 @@ def _measure_isolated(args: Dict) -> Dict:
     to this configuration alone."""
     result = _subprocess_measure(args, pin_malloc=False)
     if args.get("mode", "").startswith("train"):
-        memory = _subprocess_measure(dict(args, steps=1, warmup=1), pin_malloc=True)
+        memory = _subprocess_measure(dict(args, steps=1, warmup=1, repeats=1), pin_malloc=True)
         result["peak_mb"] = memory["peak_mb"]
     return result
 
 
 def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64, device: str = "cpu",
                   steps: int = 5, eval_batch: int = 128, amp: bool = False, channels_last: bool = False,
-                  isolate: Optional[bool] = None, out=print) -> List[Dict]:
+                  isolate: Optional[bool] = None, out=print, repeats: int = 3) -> List[Dict]:
     """Measure every configuration and print a side-by-side table; returns one row per model."""
     isolate = (device == "cpu") if isolate is None else isolate
     run = _measure_isolated if isolate else (lambda a: measure(**a))
@@ -158,7 +164,7 @@ def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64
         if native[1] < size[1]:  # a 32x32 (CIFAR) network is measured at its own size, not blown up
             size = [size[0], native[1], native[2]]
         base = dict(name=name, input_size=size, device=device, steps=steps, amp=amp,
-                    channels_last=channels_last)
+                    channels_last=channels_last, repeats=repeats)
         r = {"model": name, "input_size": size}
         for impl in ("torchvision", "moderncnn"):
             key = "tv" if impl == "torchvision" else "ours"
@@ -198,7 +204,7 @@ def _format_row(r: Dict) -> str:
 
 def cmd_bench(args) -> int:
     run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
-                  args.amp, args.channels_last)
+                  args.amp, args.channels_last, repeats=args.repeats)
     return 0
 
 
@@ -208,7 +214,8 @@ def register(sub) -> None:
     p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default 1x96x96)")
     p.add_argument("--batch", type=int, default=64, help="training batch (default 64)")
     p.add_argument("--eval-batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true")
