@@ -280,6 +280,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     model_kwargs = dict(cfg.model_kwargs)
     model = create_model(cfg.model, num_classes=train_set.num_classes, in_chans=channels,
                          pretrained=cfg.pretrained, **model_kwargs)
+    if getattr(model, "transform_input", False):  # set by GoogLeNet's ImageNet weights: rebuild it the same way
+        model_kwargs["transform_input"] = True
     side = model.min_input_size[1]
     if image_size < side:
         raise InputTooSmallError(f"{cfg.model} needs inputs of at least {side}x{side} pixels, but "
