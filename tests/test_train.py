@@ -316,3 +316,11 @@ def test_d2l_recipe_runs_with_xavier_and_no_augmentation(data_dir, tmp_path):
     cfg = result.config
     assert cfg.init == "xavier" and cfg.augment == "none" and cfg.batch_size == 256 and cfg.momentum == 0.0
     assert cfg.image_size == 32  # explicit flag beats the recipe's 96
+
+
+def test_model_args_are_python_literals():
+    from moderncnn.train.cli import parse_model_args
+    assert parse_model_args(["small_input=True", "drop_rate=0.2", "block_config=(4, 8, 8)", "style=d2l"]) == {
+        "small_input": True, "drop_rate": 0.2, "block_config": (4, 8, 8), "style": "d2l"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_model_args(["small_input"])

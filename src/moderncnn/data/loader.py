@@ -229,10 +229,6 @@ class Loader:
         usable = (n // self.world_size) * self.world_size
         return perm[self.rank:usable:self.world_size]
 
-    def transform(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """uint8 batch -> float32, resized and normalised (augmented: use :meth:`batch`)."""
-        return self._finish(images, generator)
-
     def batch(self, index: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The images at ``index`` as a training/test batch: crop and flip are fused with the gather."""
         aug = self.augment

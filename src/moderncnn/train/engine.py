@@ -205,7 +205,7 @@ def _load_data(cfg: TrainConfig, info: DistInfo):
     return train_set, test_set
 
 
-def _resume_state(cfg: TrainConfig) -> Tuple[TrainConfig, Dict[str, Any], Path, set]:
+def _resume_state(cfg: TrainConfig) -> Tuple[TrainConfig, Dict[str, Any], Path]:
     run_dir = Path(cfg.resume)
     ckpt_path = run_dir / "last.pt" if run_dir.is_dir() else run_dir
     if run_dir.is_file():
@@ -214,7 +214,7 @@ def _resume_state(cfg: TrainConfig) -> Tuple[TrainConfig, Dict[str, Any], Path, 
         raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt)")
     state = load_checkpoint(ckpt_path)
     saved = TrainConfig.from_dict(state["config"])
-    return saved, state, run_dir, set()
+    return saved, state, run_dir
 
 
 def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Optional[set] = None,
@@ -234,7 +234,7 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
     explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
     resume_state = None
     if config.resume:
-        saved, resume_state, run_dir, _ = _resume_state(config)
+        saved, resume_state, run_dir = _resume_state(config)
         # Resume keeps the run's recipe; only the length and how it runs may change.
         changes = {k: getattr(config, k) for k in ("epochs", "progress", "device", "budget")
                    if k in explicit or (k == "epochs" and config.epochs is not None)}
