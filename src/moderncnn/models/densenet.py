@@ -26,6 +26,19 @@ __all__ = ["DenseNet", "DenseBlock", "Transition", "densenet_d2l", "densenet40",
            "densenet121", "densenet161", "densenet169", "densenet201", "densenet264"]
 
 
+def _fast_eval(module: nn.Module) -> bool:
+    return not module.training and not torch.is_grad_enabled() and not torch.jit.is_tracing() \
+        and not torch.jit.is_scripting()
+
+
+def _eval_norm_relu(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode ``relu(bn(x))`` without autograd: one per-channel multiply-add straight from a (possibly
+    strided) block buffer into a dense tensor, then ReLU in place."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_()
+
+
 _PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias", "conv2.weight",
            "conv2.bias")
 
@@ -145,13 +158,8 @@ class DenseLayer(nn.Module):
 
     def concat_norm_conv(self, *inputs: torch.Tensor) -> torch.Tensor:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        if not self.training and not torch.is_grad_enabled() and not torch.jit.is_tracing():
-            # Eval without autograd: BN with running statistics is one per-channel multiply-add, done
-            # straight from the (possibly strided) block buffer into a dense tensor, ReLU in place.
-            norm = self.norm1
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            shift = norm.bias - norm.running_mean * scale
-            return self.conv1(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_())
+        if _fast_eval(self):
+            return self.conv1(_eval_norm_relu(self.norm1, x))
         return self.conv1(self.relu1(self.norm1(x)))
 
     def _momentum(self, norm: nn.BatchNorm2d) -> float:
@@ -230,7 +238,7 @@ class Transition(nn.Sequential):
             self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.norm(x))
+        x = _eval_norm_relu(self.norm, x) if _fast_eval(self) else self.relu(self.norm(x))
         if hasattr(self, "pool"):
             x = self.pool(x)
         return self.conv(x)
