@@ -324,3 +324,32 @@ def test_model_args_are_python_literals():
         "small_input": True, "drop_rate": 0.2, "block_config": (4, 8, 8), "style": "d2l"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_model_args(["small_input"])
+
+
+def test_predict_preprocesses_files_exactly_as_training(tmp_path):
+    """Image folders are resized with PIL when read; predict must do the same, not a different resize."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    moderncnn.train(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), image_size=32, model="resnet18",
+                    model_kwargs={"small_input": True}, epochs=1, batch_size=4, out=str(tmp_path), name="r",
+                    progress=False)
+    from moderncnn.data import Loader, load_dataset
+    from moderncnn.train.predict import predict_files
+    state = load_checkpoint(tmp_path / "r" / "best.pt")
+    test = load_dataset("imagefolder", root=str(tmp_path / "imgs"), split="test", image_size=32)
+    loader = Loader(test, 64, train=False, image_size=32, mean=state["normalization"]["mean"],
+                    std=state["normalization"]["std"])
+    model = moderncnn.load_model(tmp_path / "r")
+    with torch.no_grad():
+        probs = model(next(iter(loader))[0]).softmax(1)
+    files = sorted(str(p) for p in (tmp_path / "imgs" / "test").rglob("*.png"))
+    top = predict_files(str(tmp_path / "r"), files, top_k=2)
+    for i, (_, ranked) in enumerate(top):
+        by_name = dict(ranked)
+        for c, name in enumerate(model.classes):
+            assert by_name[name] == pytest.approx(probs[i, c].item(), abs=1e-5)

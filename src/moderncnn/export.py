@@ -81,6 +81,7 @@ def export(source, fmt: str = "onnx", output: Optional[str] = None, opset: int =
     norm = state.get("normalization", {})
     meta = {"model_name": state["model_name"], "in_chans": state["in_chans"], "image_size": state["image_size"],
             "mean": norm.get("mean"), "std": norm.get("std"), "classes": state.get("classes"),
+            "native_size": state.get("native_size"),
             "checkpoint": str(ckpt)}
     return export_model(model, path, fmt, (state["in_chans"], state["image_size"], state["image_size"]), meta,
                         opset)

@@ -370,6 +370,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
             "in_chans": channels, "classes": list(train_set.classes), "image_size": image_size,
+            "native_size": list(train_set.images.shape[-2:]),
             "normalization": {"mean": mean, "std": std}, "dataset": cfg.dataset}
     if main:
         _write_json(run_dir / "config.json", {

@@ -6,31 +6,30 @@ import json
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-import numpy as np
 import torch
 
 __all__ = ["predict_files", "load_images"]
 
 
-def load_images(paths: Sequence[str], channels: int, size: int, mean, std) -> torch.Tensor:
-    """Read image files as the loader feeds them: grey or RGB, resized to ``size``, normalised."""
-    from PIL import Image, UnidentifiedImageError
+def load_images(paths: Sequence[str], channels: int, size: int, mean, std, native_size=None) -> torch.Tensor:
+    """Read image files exactly as training saw them: decoded and resized with PIL to the dataset's
+    stored size (``native_size``: 28x28 for Fashion-MNIST, the folder's image size for image folders),
+    then resized on tensors to ``size`` and normalised, as the loader does."""
+    from ..data.datasets import DatasetError, _decode
     from ..data.loader import resize
+    native = tuple(native_size) if native_size else (size, size)
     batch = []
     for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such image file")
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                array = np.asarray(img, dtype=np.uint8)
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{path}: unreadable image ({exc})") from None
-        x = torch.from_numpy(array.copy())
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        x = resize(x[None].float().div(255), (size, size))[0]
-        batch.append(x)
-    x = torch.stack(batch)
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
+            array = _decode(Path(path), channels, native)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        batch.append(torch.from_numpy(array.copy()))
+    x = resize(torch.stack(batch).float().div_(255), (size, size))
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
@@ -45,7 +44,8 @@ def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: st
     state = load_checkpoint(path)
     model = build_model_from_checkpoint(state, str(path)).to(device)
     norm = state["normalization"]
-    x = load_images(images, state["in_chans"], state["image_size"], norm["mean"], norm["std"]).to(device)
+    x = load_images(images, state["in_chans"], state["image_size"], norm["mean"], norm["std"],
+                    state.get("native_size")).to(device)
     with torch.no_grad():
         probs = model(x).softmax(1).cpu()
     return _top(images, probs, state["classes"], top_k)
@@ -67,7 +67,8 @@ def _predict_onnx(path: Path, images, top_k: int):
     if not meta_path.is_file():
         raise ValueError(f"{meta_path}: missing (the preprocessing written beside the exported model)")
     meta = json.loads(meta_path.read_text())
-    x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"]).numpy()
+    x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
+                    meta.get("native_size")).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     probs = torch.from_numpy(logits).softmax(1)
