@@ -33,7 +33,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
                             timeout=600)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                          f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
                           *COMMON, "--data-dir", str(data), "--out", str(tmp_path), "--name", "ddp"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
 def test_sync_bn_on_cpu_is_refused(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=64, n_test=32)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
                           "--dataset", "mnist", "--data-dir", str(data), "--epochs", "1", "--batch-size", "16",
                           "--sync-bn", "--out", str(tmp_path), "--no-progress"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -10,7 +10,6 @@ import torch
 import torchvision
 from PIL import Image
 
-import moderncnn
 from moderncnn import create_model, list_models
 from moderncnn.models import pretrained as pt
 

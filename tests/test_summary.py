@@ -1,5 +1,4 @@
 """summary(): totals against a hand count, depth handling, the CLI."""
-import pytest
 import torch
 from torch import nn
 

@@ -2,11 +2,9 @@
 import csv
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

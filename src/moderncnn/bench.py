@@ -7,7 +7,6 @@ every training configuration runs in a fresh subprocess, so its peak RSS is its 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys

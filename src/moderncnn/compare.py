@@ -7,7 +7,6 @@ Re-running the same command resumes: finished models are skipped, interrupted on
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os

@@ -4,7 +4,7 @@ and the weighted residual connection (WRC): ``alpha * F(x) + beta * shortcut(x)`
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Type, Union
+from typing import Optional, Sequence, Type, Union
 
 import torch
 from torch import nn

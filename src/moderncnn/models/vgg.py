@@ -2,7 +2,7 @@
 ICLR 2015), torchvision-compatible, plus the narrow VGG-11 of Dive into Deep Learning, section 7.2."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -102,7 +102,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
     from ..data import Loader, load_dataset
     from .checkpoint import load_checkpoint, resolve_checkpoint
     from .engine import build_model_from_checkpoint, evaluate, pick_device

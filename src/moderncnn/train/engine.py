@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import platform
 import signal
@@ -399,7 +398,6 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
 
     show_bar = main and cfg.progress and sys.stdout.isatty()
     eval_model = ema.module if ema is not None else model
-    run_start = time.perf_counter()
     train_seconds = sum(row["seconds"] for row in history)
     global_step = start_epoch * steps_per_epoch + start_step
 
