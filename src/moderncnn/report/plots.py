@@ -75,8 +75,8 @@ def plot_predictions(images: torch.Tensor, labels: Sequence[int], predictions: S
                 spine.set_edgecolor("red")
                 spine.set_linewidth(2)
     wrong = sum(int(labels[i]) != int(predictions[i]) for i in range(n))
-    fig.suptitle(f"first {n} test images: true label, then prediction when wrong (red): {wrong} wrong",
-                 fontsize=9)
+    fig.suptitle(f"{n} test images (a fixed random sample): true label above, prediction below; "
+                 f"{wrong} wrong, in red", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -510,7 +510,9 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
                   device=test_loader.device, mean=test_loader.mean_values, std=test_loader.std_values,
                   channels_last=test_loader.channels_last)
     _, acc, preds, probs = evaluate(model, full, tta=bool(cfg.tta), amp_dtype=amp_dtype, return_predictions=True)
-    sample = torch.arange(min(len(test_set), 32))
+    # A fixed random sample (seed 0) for the prediction grid: image folders are sorted by class, so the
+    # first 32 test images would all show one class.
+    sample = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:32].sort().values
     torch.save({"labels": test_set.labels, "predictions": preds, "confidence": probs.max(1).values,
                 "classes": list(test_set.classes), "sample_images": test_set.images[sample].clone(),
                 "sample_index": sample, "test_acc": acc}, run_dir / "predictions.pt")
