@@ -193,6 +193,11 @@ def _run_name(cfg: TrainConfig) -> str:
 
 
 def _load_data(cfg: TrainConfig, info: DistInfo):
+    if cfg.download and info.enabled:
+        # Rank 0 downloads (once); the others wait for it, then read the files it wrote.
+        if info.is_main:
+            load_dataset(cfg.dataset, root=cfg.data_dir, split="train", download=True)
+        torch.distributed.barrier()
     kwargs = dict(root=cfg.data_dir, download=cfg.download and info.is_main)
     if cfg.dataset == "imagefolder":
         kwargs.update(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
