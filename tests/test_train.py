@@ -288,6 +288,21 @@ def test_recipes_and_explicit_overrides():
         resolve_config(TrainConfig(recipe="nope"))
 
 
+def test_recipe_model_arguments_belong_to_the_recipes_model():
+    cifar = resolve_config(TrainConfig(recipe="cifar10"))
+    assert cifar.model == "densenet_bc_fmnist" and cifar.model_kwargs == {"bn_size": 4}
+    mine = resolve_config(TrainConfig(recipe="cifar10", model_kwargs={"bn_size": 3, "drop_rate": 0.1}))
+    assert mine.model_kwargs == {"bn_size": 3, "drop_rate": 0.1}
+    other = resolve_config(TrainConfig(recipe="cifar10", model="resnet18"))
+    assert other.model_kwargs == {}
+    assert resolve_config(TrainConfig(recipe="cifar10")).model_kwargs == {"bn_size": 4}  # recipe not consumed
+    # the registered default model has a 2k bottleneck; the recipe's 4k one has about twice the parameters
+    small = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1)
+    paper = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1, bn_size=4)
+    assert small.features.denseblock1.denselayer1.conv1.out_channels == 32
+    assert paper.features.denseblock1.denselayer1.conv1.out_channels == 64
+
+
 def test_weight_decay_skips_norms_and_biases():
     from moderncnn.train.optim import param_groups
     model = moderncnn.create_model("resnet18_wrc", num_classes=3, in_chans=1)

@@ -416,11 +416,16 @@ def densenet264(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> DenseNe
 @register_model
 def densenet_bc_fmnist(num_classes: int = 10, in_chans: int = 1, **kwargs) -> DenseNet:
     """A small DenseNet-BC for 28x28 Fashion-MNIST/MNIST (moderncnn's default training model): a 3x3
-    stride-2 stem (the network works at 14x14, 7x7 and 3x3), k=16, blocks 4-8-8, theta 0.5.
+    stride-2 stem (the network works at 14x14, 7x7 and 3x3), k=16, blocks 4-8-8, theta 0.5, and a
+    bottleneck of 2k channels instead of the paper's 4k (``bn_size=2``).
 
-    The stem is where the speed comes from: every dense layer costs a quarter of what it would at 28x28,
-    which is what lets ``moderncnn train`` reach >91% on a 2-core CPU in a few minutes.
+    The stem is where most of the speed comes from: every dense layer costs a quarter of what it would
+    at 28x28. The narrower bottleneck halves the FLOPs again (18.4 instead of 36.0 MFLOPs per image) for
+    the same accuracy in a short run; together they let ``moderncnn train`` reach >91% on a 2-core CPU
+    in about four minutes. ``bn_size=4`` gives the paper's bottleneck (the ``cifar10`` and
+    ``fmnist-best`` recipes use it).
     """
     kwargs.setdefault("small_input", True)
     kwargs.setdefault("stem_stride", 2)
+    kwargs.setdefault("bn_size", 2)
     return _densenet(16, (4, 8, 8), 32, num_classes, in_chans, **kwargs)
