@@ -123,6 +123,7 @@ def write_comparison_report(comp_dir: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     comp_dir = Path(comp_dir)
     settings = json.loads((comp_dir / "compare.json").read_text())
@@ -138,6 +139,7 @@ def write_comparison_report(comp_dir: Path) -> Path:
         h = r["history"]
         ax.plot([x["epoch"] for x in h], [x["test_acc"] for x in h], "o-", label=r["model"], markersize=3)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{settings['dataset']}: test accuracy per epoch ({settings['recipe']} recipe)")
     ax.grid(alpha=0.3)
