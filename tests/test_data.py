@@ -391,3 +391,28 @@ def test_fused_crop_flip_matches_pad_then_crop():
             if mirrored[i, 0]:
                 window = window.flip(-1)
             assert torch.equal(out[i].float(), window), (mode, i)
+
+
+CIFAR10_JPG = Path(os.environ.get("MODERNCNN_CIFAR10_JPG",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR10_JPG.is_file(), reason="the CIFAR-10 JPEG copy is not on this machine")
+def test_cifar10_jpeg_copy_through_the_image_folder_reader(isolated):
+    """The real CIFAR-10 JPEG class folders (opt-in: $MODERNCNN_CIFAR10_JPG or ../shared/data)."""
+    import tarfile
+    with tarfile.open(CIFAR10_JPG) as tar:
+        tar.extractall(isolated / "cifar10-jpg", filter="data")
+    root = str(isolated / "cifar10-jpg")
+    train = load_dataset("imagefolder", root=root, split="train")
+    test = load_dataset("imagefolder", root=root, split="test")
+    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.classes[:3] == ["airplane", "automobile", "bird"]
+    assert len(train.classes) == 10 and train.labels.bincount().tolist() == [5000] * 10
+    assert test.labels.bincount().tolist() == [1000] * 10
+    # channel means of CIFAR-10's training set (0.491, 0.482, 0.447), give or take the JPEG re-encoding
+    means = train.images.float().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(means, torch.tensor([0.491, 0.482, 0.447]), atol=0.01)
+    again = load_dataset("imagefolder", root=root, split="test")  # from the cache this time
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
