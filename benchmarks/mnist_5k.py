@@ -13,18 +13,11 @@ reader as the full dataset::
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as a gzipped IDX file (magic: two zero bytes, type 0x08, number of dims)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+from moderncnn.data import write_idx
 
 
 def main() -> None:

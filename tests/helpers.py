@@ -4,11 +4,15 @@ from pathlib import Path
 
 import numpy as np
 
+import moderncnn.data
+
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
+    """moderncnn's own writer, or, given a ``magic`` number, a deliberately wrong header."""
+    if magic is None:
+        return moderncnn.data.write_idx(path, array, compress)
     array = np.asarray(array, dtype=np.uint8)
-    header = (magic if magic is not None else 0x800 + array.ndim).to_bytes(4, "big")
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     data = header + array.tobytes()
     path.write_bytes(gzip.compress(data) if compress else data)
 

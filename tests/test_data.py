@@ -416,3 +416,15 @@ def test_cifar10_jpeg_copy_through_the_image_folder_reader(isolated):
     assert torch.allclose(means, torch.tensor([0.491, 0.482, 0.447]), atol=0.01)
     again = load_dataset("imagefolder", root=root, split="test")  # from the cache this time
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_write_idx_round_trips_through_read_idx(tmp_path, compress):
+    from moderncnn.data import write_idx
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.arange(5, dtype=np.uint8)
+    write_idx(tmp_path / "images", images, compress=compress)
+    write_idx(tmp_path / "labels", labels, compress=compress)
+    assert (tmp_path / "images").read_bytes()[:2] == (b"\x1f\x8b" if compress else b"\x00\x00")
+    assert torch.equal(read_idx(tmp_path / "images", 3), torch.from_numpy(images))
+    assert torch.equal(read_idx(tmp_path / "labels", 1), torch.from_numpy(labels))

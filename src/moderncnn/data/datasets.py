@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["DatasetError", "ImageDataset", "load_dataset", "DATASETS", "search_paths", "read_idx",
+__all__ = ["DatasetError", "ImageDataset", "load_dataset", "DATASETS", "search_paths", "read_idx", "write_idx",
            "read_cifar10", "read_image_folder", "normalization_stats"]
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
@@ -153,6 +153,17 @@ def _read_bytes(path: Path) -> bytes:
     if path.suffix == ".gz":
         raise DatasetError(f"{path}: not a gzip file (no gzip header)")
     return raw
+
+
+def write_idx(path: Path, array, compress: bool = True) -> Path:
+    """Write unsigned bytes as an IDX file (MNIST's format; gzipped by default), e.g. to give
+    ``load_dataset("mnist", root=...)`` data converted from another source."""
+    array = np.ascontiguousarray(np.asarray(array), dtype=np.uint8)
+    header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
 
 
 def read_idx(path: Path, expected_dims: int) -> torch.Tensor:
