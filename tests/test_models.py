@@ -169,6 +169,40 @@ def test_cifar_densenets_have_paper_sizes():
     assert n_layers == 48
 
 
+def test_densenet_stem_pool_halves_resolution_after_a_full_resolution_conv():
+    model = create_model("densenet_bc_fmnist", num_classes=10, in_chans=3, stem_stride=1, stem_pool=True).eval()
+    names = [name for name, _ in model.features.named_children()][:5]
+    assert names == ["conv0", "norm0", "relu0", "pool0", "denseblock1"]
+    assert model.features.conv0.stride == (1, 1)
+    seen = {}
+    model.features.denseblock1.register_forward_hook(lambda m, i, o: seen.update(block1=o.shape))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert seen["block1"][-2:] == (16, 16)
+    assert model.min_input_size[1] == 8  # conv s1, pool 2, two transition pools
+    with pytest.raises(InputTooSmallError):
+        model(torch.randn(1, 3, 7, 7))
+
+
+def test_densenet_variant_shape_is_overridable():
+    model = create_model("densenet_bc_fmnist", num_classes=10, growth_rate=8, block_config=(2, 2),
+                         num_init_features=12)
+    blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
+    assert [len(b) for b in blocks] == [2, 2]
+    assert model.features.conv0.out_channels == 12
+    assert blocks[0].denselayer1.conv2.out_channels == 8
+    # 12 + 2*8 = 28 -> transition 14 -> 14 + 2*8 = 30 features
+    assert model.num_features == 30 and model.classifier.in_features == 30
+
+
+def test_densenet_bc_cifar_shape():
+    model = create_model("densenet_bc_cifar", num_classes=10)
+    blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
+    assert [len(b) for b in blocks] == [4, 8, 16]
+    assert model.features.conv0.in_channels == 3 and model.features.conv0.stride == (1, 1)
+    assert isinstance(model.features.pool0, nn.MaxPool2d)
+    assert 560e3 < sum(p.numel() for p in model.parameters()) < 590e3
+
+
 def test_densenet264_block_config():
     m = create_model("densenet264")
     blocks = [len(getattr(m.features, f"denseblock{i}")) for i in range(1, 5)]

