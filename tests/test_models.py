@@ -23,12 +23,24 @@ densenet201 densenet264""".split()
 
 def test_registry_has_every_named_model():
     assert set(EXPECTED_NAMES) <= set(ALL_MODELS)
-    assert set(ALL_MODELS) - set(EXPECTED_NAMES) == {"densenet_bc_fmnist"}  # the default training model
+    # the default training model and the cifar10 recipe's network
+    assert set(ALL_MODELS) - set(EXPECTED_NAMES) == {"densenet_bc_fmnist", "densenet_bc_cifar"}
 
 
 def test_list_models_pattern():
     assert list_models("resnet1*") == ["resnet101", "resnet152", "resnet18", "resnet18_wrc"]
     assert list_models("nothing*") == []
+
+
+def test_create_model_keeps_each_models_own_defaults():
+    fmnist = create_model("densenet_bc_fmnist")
+    assert (fmnist.num_classes, fmnist.in_chans, fmnist.default_input_size) == (10, 1, (1, 28, 28))
+    imagenet = create_model("densenet121")
+    assert (imagenet.num_classes, imagenet.in_chans, imagenet.default_input_size) == (1000, 3, (3, 224, 224))
+    assert create_model("resnet_d2l").default_input_size == (1, 96, 96)
+    assert create_model("densenet_bc_100").num_classes == 10
+    explicit = create_model("densenet_bc_fmnist", num_classes=5, in_chans=3)
+    assert (explicit.num_classes, explicit.in_chans) == (5, 3)
 
 
 def test_unknown_model_lists_closest_names():

@@ -59,3 +59,6 @@ def test_models_cli_lists_counts(capsys):
     assert main(["models", "densenet12*"]) == 0
     out = capsys.readouterr().out
     assert "densenet121" in out and "7,978,856" in out and "yes" in out
+    assert main(["models", "densenet_bc_fmnist"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row == ["densenet_bc_fmnist", "192,042", "10", "1x28x28", "8x8"]

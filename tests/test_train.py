@@ -289,13 +289,16 @@ def test_recipes_and_explicit_overrides():
 
 
 def test_recipe_model_arguments_belong_to_the_recipes_model():
-    cifar = resolve_config(TrainConfig(recipe="cifar10"))
-    assert cifar.model == "densenet_bc_fmnist" and cifar.model_kwargs == {"bn_size": 4}
-    mine = resolve_config(TrainConfig(recipe="cifar10", model_kwargs={"bn_size": 3, "drop_rate": 0.1}))
-    assert mine.model_kwargs == {"bn_size": 3, "drop_rate": 0.1}
-    other = resolve_config(TrainConfig(recipe="cifar10", model="resnet18"))
+    recipe_kwargs = {"bn_size": 4, "stem_stride": 1, "stem_pool": True}
+    best = resolve_config(TrainConfig(recipe="fmnist-best"))
+    assert best.model == "densenet_bc_fmnist" and best.model_kwargs == recipe_kwargs
+    mine = resolve_config(TrainConfig(recipe="fmnist-best", model_kwargs={"bn_size": 3, "drop_rate": 0.1}))
+    assert mine.model_kwargs == {"bn_size": 3, "stem_stride": 1, "stem_pool": True, "drop_rate": 0.1}  # user's win
+    other = resolve_config(TrainConfig(recipe="fmnist-best", model="resnet18"))
     assert other.model_kwargs == {}
-    assert resolve_config(TrainConfig(recipe="cifar10")).model_kwargs == {"bn_size": 4}  # recipe not consumed
+    assert resolve_config(TrainConfig(recipe="fmnist-best")).model_kwargs == recipe_kwargs  # recipe not consumed
+    cifar = resolve_config(TrainConfig(recipe="cifar10"))
+    assert cifar.model == "densenet_bc_cifar" and cifar.model_kwargs == {}
     # the registered default model has a 2k bottleneck; the recipe's 4k one has about twice the parameters
     small = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1)
     paper = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1, bn_size=4)

@@ -26,13 +26,17 @@ def cmd_models(args) -> int:
     except ImportError:
         pretrained = set()
     import torch
-    print(f"{'model':18s} {'params (1000 classes, RGB)':>28s}  {'min input':>10s}  pretrained")
+    # Each model as its constructor builds it by default (ImageNet networks: 1000 classes, RGB 224x224;
+    # CIFAR/Fashion-MNIST networks: 10 classes at 32x32 or 28x28/96x96).
+    print(f"{'model':18s} {'params':>12s} {'classes':>8s}  {'default input':>13s}  {'min input':>9s}  pretrained")
     for name in names:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = create_model(name)
         side = model.min_input_size[1]
         mark = "yes" if name in pretrained else ""
-        print(f"{name:18s} {count_parameters(model):>28,d}  {f'{side}x{side}':>10s}  {mark}")
+        default = "x".join(map(str, model.default_input_size))
+        print(f"{name:18s} {count_parameters(model):>12,d} {model.num_classes:>8d}  {default:>13s}  "
+              f"{f'{side}x{side}':>9s}  {mark}")
         del model
     print(f"{len(names)} models")
     return 0

@@ -86,6 +86,13 @@ class ImageClassifier(nn.Module):
         self.default_input_size = (in_chans, max(default_size, side), max(default_size, side))
         self.model_name = type(self).__name__.lower()
 
+    def set_default_input_size(self, side: int) -> "ImageClassifier":
+        """The image side the variant is meant for (28 for Fashion-MNIST nets, 96 for d2l's ResNet/DenseNet);
+        summaries and exports use it when no size is given."""
+        side = max(side, self.min_input_size[1])
+        self.default_input_size = (self.in_chans, side, side)
+        return self
+
     @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
         if torch.jit.is_tracing() or _compiling():

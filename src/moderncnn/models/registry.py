@@ -4,7 +4,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
-from typing import Callable, Dict, List
+import inspect
+from typing import Callable, Dict, List, Optional
 
 from torch import nn
 
@@ -60,13 +61,25 @@ def is_model(name: str) -> bool:
     return name in _ENTRYPOINTS
 
 
-def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrained=False, **kwargs) -> nn.Module:
+def _default_argument(name: str, argument: str, fallback: int) -> int:
+    """The default a model's constructor gives ``argument`` (10 classes for the CIFAR networks, one
+    channel for the Fashion-MNIST ones), or ``fallback`` where it has none."""
+    parameter = inspect.signature(_ENTRYPOINTS[name]).parameters.get(argument)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return fallback
+    return parameter.default
+
+
+def create_model(name: str, num_classes: Optional[int] = None, in_chans: Optional[int] = None, pretrained=False,
+                 **kwargs) -> nn.Module:
     """Build a registered model.
 
     Args:
         name: registered name, e.g. ``"densenet121"`` (see :func:`list_models`).
-        num_classes: size of the classifier output.
-        in_chans: number of input channels (1 for Fashion-MNIST/MNIST, 3 for RGB).
+        num_classes: size of the classifier output; ``None`` keeps the model's own default (1000 for
+            the ImageNet networks, 10 for the CIFAR and Fashion-MNIST ones).
+        in_chans: number of input channels (1 for Fashion-MNIST/MNIST, 3 for RGB); ``None`` keeps the
+            model's own default.
         pretrained: ``True`` for torchvision's ImageNet weights, or a path to a local state dict.
         **kwargs: passed to the model's constructor (``small_input``, ``drop_rate``, ...).
     """
@@ -77,6 +90,10 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, pretrain
         raise UnknownModelError(
             f"unknown model {name!r}.{hint} `moderncnn models` lists all {len(_ENTRYPOINTS)} models."
         )
+    if num_classes is None:
+        num_classes = _default_argument(name, "num_classes", 1000)
+    if in_chans is None:
+        in_chans = _default_argument(name, "in_chans", 3)
     if pretrained:
         from .pretrained import create_pretrained
         return create_pretrained(name, _ENTRYPOINTS[name], pretrained, num_classes=num_classes,

@@ -195,7 +195,7 @@ def resnet_d2l(num_classes: int = 10, in_chans: int = 1, **kwargs) -> ResNet:
     """The ResNet-18 of d2l 7.6: biased convolutions, a plain 1x1 conv shortcut, for 1x96x96 Fashion-MNIST."""
     kwargs.setdefault("bias", True)
     kwargs.setdefault("shortcut_norm", False)
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, **kwargs)
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_chans, **kwargs).set_default_input_size(96)
 
 
 @register_model

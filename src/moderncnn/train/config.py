@@ -95,8 +95,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=24,
                     batch_size=128, optimizer="sgd", lr=0.2, schedule="onecycle", weight_decay=5e-4,
                     label_smoothing=0.1, augment="crop+flip", tta=True, channels_last=True),
-    # Fashion-MNIST, longest-reasonable CPU run.
-    "fmnist-best": dict(model="densenet_bc_fmnist", model_kwargs=dict(bn_size=4), epochs=30, batch_size=128,
+    # Fashion-MNIST, an hour of a 2-core CPU: the default network with the paper's 4k bottleneck and the
+    # full-resolution stem (3x3 conv at 28x28, then a 2x2 max-pool), 30 epochs, erasing, EMA, flip TTA.
+    "fmnist-best": dict(model="densenet_bc_fmnist",
+                        model_kwargs=dict(bn_size=4, stem_stride=1, stem_pool=True), epochs=30, batch_size=128,
                         optimizer="sgd", lr=0.2, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1,
                         augment="crop+flip+erase", tta=True, ema=0.999, channels_last=True),
 }
