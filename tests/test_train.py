@@ -54,10 +54,17 @@ def test_end_to_end_run_directory(data_dir, tmp_path):
     report = (run / "report.md").read_text()
     assert "densenet_bc_fmnist" in report and "![curves](curves.png)" in report and "FLOPs" in report
     assert f"{result.final_acc:.4f}" in report
+    assert "EMA weights" not in report
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 2 and state["model_name"] == "densenet_bc_fmnist"
     model = moderncnn.load_model(run)
     assert not model.training and model.classes == [str(i) for i in range(10)]
+
+
+def test_ema_run_says_its_test_figures_are_the_averaged_weights(data_dir, tmp_path):
+    moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, ema=0.9))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "EMA weights (decay 0.9)" in report and "EMA 0.9" in report
 
 
 def _interrupt_at_step(monkeypatch, n):

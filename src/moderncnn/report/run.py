@@ -68,8 +68,12 @@ def write_run_report(run_dir: Path) -> Path:
     ]
     if info.get("frozen"):
         lines.append(f"| trained parameters | {info['frozen']} |")
-    lines += ["", "## Curves", "", "![curves](curves.png)", "",
-              "| epoch | train loss | train acc | test loss | test acc | lr | seconds | images/s |",
+    lines += ["", "## Curves", "", "![curves](curves.png)", ""]
+    if cfg.get("ema"):
+        # The evaluated model is the weight average, which starts near the random initialisation.
+        lines += [f"Test figures are those of the EMA weights (decay {cfg['ema']}); they trail the training "
+                  "weights for the first epochs.", ""]
+    lines += ["| epoch | train loss | train acc | test loss | test acc | lr | seconds | images/s |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
               f"{r['test_acc']:.4f} | {r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f} |"
