@@ -210,7 +210,7 @@ def cmd_compare(args) -> int:
     if args.channels_last:
         passthrough.append("--channels-last")
     if args.tta:
-        passthrough.append("--tta")
+        passthrough += ["--tta", str(args.tta)]
     compare(args.models.split(","), dataset=args.dataset, epochs=args.epochs, budget=args.budget,
             image_size=args.image_size, recipe=args.recipe, subset=args.subset, out=args.out, name=args.name,
             progress=args.progress, train_args=passthrough)
@@ -234,7 +234,8 @@ def register(sub) -> None:
                        ("--seed", int), ("--device", str), ("--augment", str)):
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tta", type=int, nargs="?", const=1, default=None, metavar="LEVEL",
+                   help="test-time augmentation of each model's final evaluation (1 flip, 2 flip + shifts)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -16,7 +16,16 @@ __all__ = ["read_metrics", "write_run_report"]
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
+def _tta_words(level) -> str:
+    level = int(level or 0)
+    if not level:
+        return ""
+    views = "flip" if level == 1 else "flip + one-pixel shifts"
+    return f", TTA level {level} ({views}) on the last epoch's test figures"
 
 
 def write_run_report(run_dir: Path) -> Path:
@@ -59,7 +68,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
         f"augmentation {cfg['augment']}{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
-        f"{', flip TTA' if cfg['tta'] else ''}{', init ' + cfg['init'] if cfg['init'] else ''} |",
+        f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",
         f"| throughput | {sum(r['images_per_second'] for r in history) / len(history):.0f} training images/s "
         f"(mean over epochs) |",

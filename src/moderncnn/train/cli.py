@@ -15,7 +15,7 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
     "compile": "compile", "out": "out", "name": "name", "resume": "resume", "tta": "tta",
     "augment": "augment", "download": "download", "budget": "budget", "sync_bn": "sync_bn",
     "pretrained": "pretrained", "freeze_backbone": "freeze_backbone", "head_lr_mult": "head_lr_mult",
-    "val_fraction": "val_fraction", "memory_efficient": None,
+    "val_fraction": "val_fraction", "init": "init", "memory_efficient": None,
 }
 
 
@@ -48,7 +48,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run directory name (default: time-model-dataset)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (also off when stdout is not a terminal)")
-    p.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    p.add_argument("--tta", type=int, nargs="?", const=1, default=None, metavar="LEVEL",
+                   help="test-time augmentation of the final evaluation: 1 (the flag alone) flip, "
+                        "2 flip + one-pixel shifts, 0 off")
+    p.add_argument("--init", choices=["xavier", "whiten"], default=None,
+                   help="weight initialisation: xavier (d2l) or whiten (first conv = patch-whitening basis)")
     p.add_argument("--val-fraction", type=float, default=None, help="image folders without test/: hold-out share")
     p.add_argument("--memory-efficient", action="store_true", default=None,
                    help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
@@ -156,7 +160,8 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tta", type=int, nargs="?", const=1, default=0, metavar="LEVEL",
+                   help="test-time augmentation: 1 (the flag alone) flip, 2 flip + one-pixel shifts")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 

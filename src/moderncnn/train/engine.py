@@ -34,12 +34,15 @@ from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_config
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
+from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler
 
 __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
            "METRIC_FIELDS", "load_model", "build_model_from_checkpoint"]
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second"]
+# ``tta``: the test-time augmentation level the epoch's test figures used (the last epoch's only, see _train).
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second",
+                 "tta"]
 
 
 class TrainingInterrupted(Exception):
@@ -109,13 +112,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _xavier_init(model: nn.Module) -> None:
-    # d2l's train_ch6: Xavier-uniform weights for every Linear and Conv2d (biases left as they are).
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.xavier_uniform_(m.weight)
-
-
 def _loss(outputs, labels: torch.Tensor, criterion) -> Tuple[torch.Tensor, torch.Tensor]:
     """Main logits and the loss; GoogLeNet's auxiliary heads add 0.3x their losses in training."""
     if isinstance(outputs, tuple):
@@ -125,11 +121,36 @@ def _loss(outputs, labels: torch.Tensor, criterion) -> Tuple[torch.Tensor, torch
     return outputs, criterion(outputs, labels)
 
 
+def tta_views(x: torch.Tensor, level: int):
+    """(weight, view) pairs of test-time augmentation. Level 1: the image and its mirror. Level 2 adds
+    both, shifted one pixel up-left and one pixel down-right (reflect padding), at half the weight: the
+    crops training saw (the multi-crop TTA of Jordan's airbench)."""
+    if level <= 0:
+        return [(1.0, x)]
+    if level == 1:
+        return [(0.5, x), (0.5, x.flip(3))]
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :h, :w], padded[..., 2:, 2:]
+    return [(0.25, x), (0.25, x.flip(3)), (0.125, up_left), (0.125, up_left.flip(3)),
+            (0.125, down_right), (0.125, down_right.flip(3))]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Weighted mean of the model's logits over :func:`tta_views`."""
+    total = None
+    for weight, view in tta_views(x, int(level)):
+        out = model(view).float() * weight
+        total = out if total is None else total + out
+    return total
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, tta: bool = False, amp_dtype=None,
+def evaluate(model: nn.Module, loader: Loader, tta: int = 0, amp_dtype=None,
              info: DistInfo = DistInfo(), return_predictions: bool = False):
-    """Test loss and accuracy (summed across ranks); with ``tta``, logits of the image and its mirror
-    are averaged. Returns (loss, acc) or (loss, acc, predictions, probabilities)."""
+    """Test loss and accuracy (summed across ranks); ``tta`` is the test-time augmentation level
+    (0 off, 1 (or True) flip, 2 flip + one-pixel shifts, see :func:`tta_views`).
+    Returns (loss, acc) or (loss, acc, predictions, probabilities)."""
     model.eval()
     device = loader.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -138,9 +159,7 @@ def evaluate(model: nn.Module, loader: Loader, tta: bool = False, amp_dtype=None
     preds, probs = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-            if tta:
-                logits = (logits + model(x.flip(3))) / 2
+            logits = tta_logits(model, x, int(tta))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(1)
@@ -184,7 +203,9 @@ def _write_metrics(path: Path, history: List[Dict[str, float]]) -> None:
         writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+            # rows of runs resumed from before the tta column have no level: left empty
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, ""))
+                             for k in METRIC_FIELDS})
     os.replace(tmp, path)
 
 
@@ -292,7 +313,9 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                                  f"{cfg.dataset} images are {image_size}x{image_size}; pass --image-size {side} "
                                  f"(or larger) to resize them")
     if cfg.init == "xavier" and not cfg.pretrained:
-        _xavier_init(model)
+        xavier_init(model)
+    elif cfg.init == "whiten" and not cfg.pretrained and resume_state is None:
+        whiten_first_conv(model, train_set.images, mean, std, image_size=image_size)
     frozen_note = ""
     head_names: List[str] = []
     head_lr_mult = cfg.head_lr_mult or 1.0
@@ -405,6 +428,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     eval_model = ema.module if ema is not None else model
     train_seconds = sum(row["seconds"] for row in history)
     global_step = start_epoch * steps_per_epoch + start_step
+    final_predictions = None
 
     with _StopFlag() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -474,11 +498,22 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             for t in (loss_sum, correct, seen):
                 all_reduce_sum(t, info)
             train_loss, train_acc = loss_sum.item() / seen.item(), correct.item() / seen.item()
-            test_loss, test_acc = evaluate(eval_model, test_loader, tta=bool(cfg.tta), amp_dtype=amp_dtype, info=info)
+            # Test-time augmentation costs a forward pass per view, so the epochs in between are scored on
+            # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
+            budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
+                                        device=device)
+            all_reduce_sum(budget_spent, info)  # every rank stops after the same epoch
+            last_epoch = epoch + 1 == cfg.epochs or budget_spent.item() > 0
+            tta_level = int(cfg.tta or 0) if last_epoch else 0
+            if last_epoch and main and not info.enabled:  # keep the predictions for the report
+                test_loss, test_acc, *final_predictions = evaluate(
+                    eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, return_predictions=True)
+            else:
+                test_loss, test_acc = evaluate(eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, info=info)
             seconds = time.perf_counter() - epoch_start + elapsed_before
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                   "images_per_second": seen.item() / max(train_time, 1e-9)}
+                   "images_per_second": seen.item() / max(train_time, 1e-9), "tta": tta_level}
             history.append(row)
             train_seconds += seconds
             improved = test_acc > best_acc
@@ -496,7 +531,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
                       f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s", flush=True)
-            if cfg.budget and train_seconds >= cfg.budget and epoch + 1 < cfg.epochs:
+            if last_epoch and epoch + 1 < cfg.epochs:  # the time budget is spent
                 if main:
                     print(f"time budget of {cfg.budget:.0f}s reached after {epoch + 1} epochs; stopping", flush=True)
                 break
@@ -504,17 +539,24 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     result = RunResult(run_dir, cfg, history, best_acc, history[-1]["test_acc"] if history else 0.0,
                        train_seconds, params, flops)
     if main:
-        _finish_run(eval_model, test_set, test_loader, cfg, run_dir, result, amp_dtype)
+        _finish_run(eval_model, test_set, test_loader, cfg, run_dir, result, amp_dtype, final_predictions)
     return result
 
 
-def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunResult, amp_dtype) -> None:
-    """Predictions of the final model on the whole test set, then plots and report.md."""
+def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunResult, amp_dtype,
+                final_predictions=None) -> None:
+    """Predictions of the final model on the whole test set (those of the last epoch's evaluation where it
+    saw the whole set in this process), then plots and report.md."""
     from ..report.run import write_run_report
-    full = Loader(test_set, test_loader.batch_size, train=False, image_size=test_loader.image_size,
-                  device=test_loader.device, mean=test_loader.mean_values, std=test_loader.std_values,
-                  channels_last=test_loader.channels_last)
-    _, acc, preds, probs = evaluate(model, full, tta=bool(cfg.tta), amp_dtype=amp_dtype, return_predictions=True)
+    if final_predictions:
+        preds, probs = final_predictions
+        acc = result.final_acc
+    else:
+        full = Loader(test_set, test_loader.batch_size, train=False, image_size=test_loader.image_size,
+                      device=test_loader.device, mean=test_loader.mean_values, std=test_loader.std_values,
+                      channels_last=test_loader.channels_last)
+        _, acc, preds, probs = evaluate(model, full, tta=int(cfg.tta or 0), amp_dtype=amp_dtype,
+                                        return_predictions=True)
     # A fixed random sample (seed 0) for the prediction grid: image folders are sorted by class, so the
     # first 32 test images would all show one class.
     sample = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(0))[:32].sort().values
@@ -526,7 +568,7 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
         "flops_per_image": result.flops, "epochs_done": len(result.history), "epochs_planned": cfg.epochs,
         "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
         "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
-        "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": bool(cfg.tta)})
+        "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0)})
     write_run_report(run_dir)
     print(f"done: final test accuracy {result.final_acc:.4f}, best {result.best_acc:.4f}, "
           f"{result.train_seconds:.0f}s; report: {run_dir / 'report.md'}", flush=True)
