@@ -122,9 +122,9 @@ def _loss(outputs, labels: torch.Tensor, criterion) -> Tuple[torch.Tensor, torch
 
 
 def tta_views(x: torch.Tensor, level: int):
-    """(weight, view) pairs of test-time augmentation. Level 1: the image and its mirror. Level 2 adds
-    both, shifted one pixel up-left and one pixel down-right (reflect padding), at half the weight: the
-    crops training saw (the multi-crop TTA of Jordan's airbench)."""
+    """(weight, view) pairs of test-time augmentation. Level 1: the image and its mirror. Level 2: those
+    two at weight 1/4 each, and both shifted one pixel up-left and one pixel down-right (reflect
+    padding) at 1/8 each, views like the random crops of training (the multi-crop TTA of airbench)."""
     if level <= 0:
         return [(1.0, x)]
     if level == 1:
