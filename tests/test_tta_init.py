@@ -76,7 +76,9 @@ def test_only_the_last_epoch_is_scored_with_tta(tmp_path):
     norm = state["normalization"]
     loader = Loader(test, 64, train=False, mean=norm["mean"], std=norm["std"])
     assert evaluate(model, loader, tta=2)[1] == pytest.approx(result.final_acc)
-    assert "TTA level 2" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "TTA level 2" in report and f"{result.final_acc:.4f} (TTA 2)" in report
+    assert report.count("(TTA 2)") == 1 and "eval " in report and "--tta 2" in report
 
 
 def test_tta_and_init_are_validated():

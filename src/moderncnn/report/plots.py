@@ -26,12 +26,21 @@ def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", la
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
     ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train acc")
     ax_acc.plot(epochs, [r["test_acc"] for r in history], "s--", label="test acc")
+    # Epochs scored with test-time augmentation (the last one, where a recipe asks for it) get their own
+    # marker: the step up there is the augmentation's, not one more epoch's learning.
+    tta_rows = [r for r in history if r.get("tta")]
+    if tta_rows:
+        levels = sorted({int(r["tta"]) for r in tta_rows})
+        ax_acc.plot([r["epoch"] for r in tta_rows], [r["test_acc"] for r in tta_rows], "*", color="C3",
+                    markersize=12, label=f"test acc with TTA (level {', '.join(map(str, levels))})")
+        ax_loss.plot([r["epoch"] for r in tta_rows], [r["test_loss"] for r in tta_rows], "*", color="C3",
+                     markersize=12, label="test loss with TTA")
     best = max(history, key=lambda r: r["test_acc"])
     ax_acc.annotate(f"{best['test_acc']:.4f}", (best["epoch"], best["test_acc"]), textcoords="offset points",
                     xytext=(0, -14), ha="center", fontsize=8)
+    ax_loss.legend()
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend(loc="lower right")

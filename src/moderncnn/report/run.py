@@ -28,6 +28,10 @@ def _tta_words(level) -> str:
     return f", TTA level {level} ({views}) on the last epoch's test figures"
 
 
+def _tta_mark(row) -> str:
+    return f" (TTA {int(row['tta'])})" if row.get("tta") else ""
+
+
 def write_run_report(run_dir: Path) -> Path:
     """Draw curves.png, predictions.png and confusion.png and write report.md in ``run_dir``."""
     run_dir = Path(run_dir)
@@ -82,17 +86,21 @@ def write_run_report(run_dir: Path) -> Path:
         # The evaluated model is the weight average, which starts near the random initialisation.
         lines += [f"Test figures are those of the EMA weights (decay {cfg['ema']}); they trail the training "
                   "weights for the first epochs.", ""]
+    if any(r.get("tta") for r in history):
+        lines += ["Epochs marked TTA were scored with test-time augmentation (the last one); the others on "
+                  "the plain test images.", ""]
     lines += ["| epoch | train loss | train acc | test loss | test acc | lr | seconds | images/s |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
-              f"{r['test_acc']:.4f} | {r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f} |"
+              f"{r['test_acc']:.4f}{_tta_mark(r)} | "
+              f"{r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f} |"
               for r in history]
     lines += ["", "## Predictions", "", "![predictions](predictions.png)", "",
               "## Confusion matrix", "", "![confusion](confusion.png)", "",
               "| class | test accuracy |", "|---|---:|"]
     lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
     lines += ["", f"Checkpoints: `last.pt` (resume with `moderncnn train --resume {run_dir}`), `best.pt` "
-              f"(`moderncnn eval {run_dir}`, `moderncnn predict {run_dir} IMAGE...`).", ""]
+              f"(`moderncnn eval {run_dir}{' --tta ' + str(int(cfg['tta'])) if cfg.get('tta') else ''}`, `moderncnn predict {run_dir} IMAGE...`).", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return run_dir / "report.md"
 
