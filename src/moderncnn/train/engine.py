@@ -159,8 +159,7 @@ def evaluate(model: nn.Module, loader: Loader, tta: int = 0, amp_dtype=None,
     preds, probs = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = tta_logits(model, x, int(tta))
-        logits = logits.float()
+            logits = tta_logits(model, x, int(tta))  # float32 whatever the autocast dtype
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(1)
         correct += (pred == y).sum()
