@@ -38,11 +38,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0 = off)")
     p.add_argument("--augment", default=None, help="none, crop, flip, crop+flip, crop+flip+erase")
     p.add_argument("--subset", type=int, default=None, help="use at most N train and N test images")
-    p.add_argument("--recipe", default=None, help="fast (default), d2l, mnist, cifar10, fmnist-best, or a JSON file")
+    p.add_argument("--recipe", default=None, help="fast (default), d2l, mnist, cifar10, fmnist-best, cifar10-gpu, "
+                   "fmnist-best-gpu, or a JSON file")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
-    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
-    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (CUDA only; the -gpu recipes turn it on)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--out", default=None, help="parent directory of run directories (default runs/)")
     p.add_argument("--name", default=None, help="run directory name (default: time-model-dataset)")

@@ -121,6 +121,15 @@ def _loss(outputs, labels: torch.Tensor, criterion) -> Tuple[torch.Tensor, torch
     return outputs, criterion(outputs, labels)
 
 
+def _check_finite(loss: torch.Tensor, where, run_dir: Path) -> None:
+    epoch, step, global_step, lr = where
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
+            f"stopped. The learning rate ({lr:.4g}) is probably too high. "
+            f"The last good checkpoint is kept in {run_dir}.")
+
+
 def tta_views(x: torch.Tensor, level: int):
     """(weight, view) pairs of test-time augmentation. Level 1: the image and its mirror. Level 2: those
     two at weight 1/4 each, and both shifted one pixel up-left and one pixel down-right (reflect
@@ -279,8 +288,12 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     main = info.is_main
     torch.manual_seed(cfg.seed)
     if cfg.amp and device.type != "cuda":
-        raise ValueError("--amp needs a CUDA device (on the CPU fp32 is the fast path)")
+        source = f"recipe {cfg.recipe!r} uses --amp, which" if cfg.recipe.endswith("-gpu") else "--amp"
+        raise ValueError(f"{source} needs a CUDA device (on the CPU fp32 is the fast path; pass --no-amp, "
+                         f"or use a CPU recipe)")
     amp_dtype = torch.bfloat16 if cfg.amp else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
 
     # --- data -------------------------------------------------------------------------------------------
     if cfg.pretrained is True and not cfg.image_size:
@@ -424,6 +437,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
               f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
 
     show_bar = main and cfg.progress and sys.stdout.isatty()
+    defer_check = device.type == "cuda"
     eval_model = ema.module if ema is not None else model
     train_seconds = sum(row["seconds"] for row in history)
     global_step = start_epoch * steps_per_epoch + start_step
@@ -450,14 +464,19 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 from tqdm import tqdm
                 bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            unit="batch", leave=False, dynamic_ncols=True)
+            unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
             for step, (x, y) in enumerate(batches, start=first_step):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits, loss = _loss(net(x), y, criterion)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
-                        f"stopped. The learning rate ({scheduler.get_last_lr()[0]:.4g}) is probably too high. "
-                        f"The last good checkpoint is kept in {run_dir}.")
+                where = (epoch, step, global_step, scheduler.get_last_lr()[0])
+                if defer_check:
+                    # Reading a CUDA loss waits for the GPU; checking the previous step's loss after
+                    # this one is queued keeps a step of work in flight.
+                    if unchecked is not None:
+                        _check_finite(*unchecked, run_dir)
+                    unchecked = (loss.detach(), where)
+                else:
+                    _check_finite(loss, where, run_dir)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -480,6 +499,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 if stop.signum is not None:
                     if bar is not None:
                         bar.close()
+                    if unchecked is not None:  # never save the weights of a non-finite step
+                        _check_finite(*unchecked, run_dir)
                     partial_metrics = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen.cpu(),
                                        "seconds": elapsed_before + time.perf_counter() - epoch_start}
                     # Resume continues after this step (after the evaluation, if it was the epoch's last).
@@ -493,6 +514,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     raise TrainingInterrupted(message, code, run_dir)
             if bar is not None:
                 bar.close()
+            if unchecked is not None:
+                _check_finite(*unchecked, run_dir)
             train_time = elapsed_before + time.perf_counter() - epoch_start
             for t in (loss_sum, correct, seen):
                 all_reduce_sum(t, info)
