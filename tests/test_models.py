@@ -332,3 +332,16 @@ def test_densenet_no_grad_buffer_path_equals_concat_path():
     with torch.enable_grad():
         slow = model(x)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_efficient_densenet_under_autocast_trains():
+    # The memory-efficient layer calls fp32 kernels itself; under bf16 autocast it must fall back to the
+    # ordinary path (it failed with a dtype mismatch in cuDNN/oneDNN before) and match that path's output.
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_100", num_classes=10, memory_efficient=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert out.shape == (2, 10) and out.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -173,8 +173,10 @@ class DenseLayer(nn.Module):
         return _EfficientDenseLayer.apply(self, momentum1, momentum2, *_layer_params(self), *inputs)
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        # The custom autograd function calls the fp32 kernels directly, so under autocast (mixed
+        # precision) the layer takes the ordinary autograd path and keeps its concatenated inputs.
         if (self.memory_efficient and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting()
-                and self.norm1.track_running_stats):
+                and self.norm1.track_running_stats and not torch.is_autocast_enabled(inputs[0].device.type)):
             out = self.forward_efficient(inputs)
         else:
             out = self.concat_norm_conv(*inputs)

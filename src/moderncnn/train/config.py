@@ -103,14 +103,17 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                         optimizer="sgd", lr=0.2, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1,
                         augment="crop+flip+erase", tta=2, ema=0.999, channels_last=True),
     # The GPU recipes: DenseNet-BC (L=100, k=12) of the paper, bf16 autocast, channels-last, batch 512.
-    # On a GPU this small network is bound by kernel launches rather than arithmetic, so the paper's full
-    # network at full resolution costs about what the CPU recipes' cut-down ones would.
-    "cifar10-gpu": dict(dataset="cifar10", model="densenet_bc_100", epochs=60, batch_size=512, optimizer="sgd",
+    # Epochs as measured on one H100 (benchmarks/gpu_recipes.sh sized them to ~5 minutes with both runs
+    # sharing the GPU): cifar10-gpu 24 epochs -> 90.34%. In eager mode this network is bound by kernel
+    # launches (~5,500 img/s alone on an H100), so longer runs are what the 94% goal needs.
+    "cifar10-gpu": dict(dataset="cifar10", model="densenet_bc_100", epochs=24, batch_size=512, optimizer="sgd",
                         lr=0.4, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip",
                         tta=2, amp=True, channels_last=True),
-    "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=60, batch_size=512, optimizer="sgd", lr=0.4,
+    # EMA is off: at 0.999 over a 15-epoch run (1,755 steps) the average still held 17% of the initial
+    # weights and scored 53.9% (train accuracy 95.1%); the CPU recipe's 15,000 steps do not have that problem.
+    "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=15, batch_size=512, optimizer="sgd", lr=0.4,
                             schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip+erase",
-                            tta=2, ema=0.999, amp=True, channels_last=True),
+                            tta=2, ema=0.0, amp=True, channels_last=True),
 }
 
 # d2l chapter 7: (learning rate, batch size, resize) per model.
