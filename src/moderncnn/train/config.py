@@ -111,7 +111,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                         tta=2, amp=True, channels_last=True),
     # EMA is off: at 0.999 over a 15-epoch run (1,755 steps) the average still held 17% of the initial
     # weights and scored 53.9% (train accuracy 95.1%); the CPU recipe's 15,000 steps do not have that problem.
-    "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=15, batch_size=512, optimizer="sgd", lr=0.4,
+    # Without EMA, 12 epochs on one H100 (alone): 94.51% in 138 s.
+    "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=12, batch_size=512, optimizer="sgd", lr=0.4,
                             schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip+erase",
                             tta=2, ema=0.0, amp=True, channels_last=True),
 }
