@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..cli import _EXTRA_COMMANDS
+from .config import recipe_names
 
 TRAIN_FLAGS = {  # flag -> TrainConfig field
     "model": "model", "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size",
@@ -38,8 +39,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0 = off)")
     p.add_argument("--augment", default=None, help="none, crop, flip, crop+flip, crop+flip+erase")
     p.add_argument("--subset", type=int, default=None, help="use at most N train and N test images")
-    p.add_argument("--recipe", default=None, help="fast (default), d2l, mnist, cifar10, fmnist-best, cifar10-gpu, "
-                   "fmnist-best-gpu, or a JSON file")
+    p.add_argument("--recipe", default=None,
+                   help=f"{', '.join(recipe_names())} (default: fast), or a JSON file of training options")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

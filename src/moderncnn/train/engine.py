@@ -32,7 +32,7 @@ from ..models.layers import InputTooSmallError
 from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, resolve_config
+from .config import RECIPES, TrainConfig, resolve_config
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler
@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     main = info.is_main
     torch.manual_seed(cfg.seed)
     if cfg.amp and device.type != "cuda":
-        source = f"recipe {cfg.recipe!r} uses --amp, which" if cfg.recipe.endswith("-gpu") else "--amp"
+        source = f"recipe {cfg.recipe!r} uses --amp, which" if RECIPES.get(cfg.recipe, {}).get("amp") else "--amp"
         raise ValueError(f"{source} needs a CUDA device (on the CPU fp32 is the fast path; pass --no-amp, "
                          f"or use a CPU recipe)")
     amp_dtype = torch.bfloat16 if cfg.amp else None
