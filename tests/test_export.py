@@ -44,6 +44,8 @@ def _check_onnx(name, tmp_path, default_size=False):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["in_chans"] == 1 and meta["image_size"] == size
+    del session
+    path.unlink()  # VGG at 224 is ~0.5 GB: a session of them must not fill a small /tmp
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in HUGE])
@@ -56,6 +58,24 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
 def test_onnx_export_matches_pytorch_large_models(name, tmp_path):
     # At their ImageNet size: ONNX cannot express an adaptive pool that upsamples (AlexNet/VGG at 32x32).
     _check_onnx(name, tmp_path, default_size=True)
+
+
+def test_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A write that fails midway (full disk, Ctrl-C) leaves the earlier export whole and no partial file."""
+    import moderncnn.export as export_module
+    model = create_model("resnet_d2l", num_classes=10, in_chans=1)
+    path = export_model(model, tmp_path / "m.onnx", "onnx", (1, 32, 32))
+    before = path.read_bytes()
+
+    def disk_full(model, example, target, opset):
+        target.write_bytes(b"\x08\x08half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "_export_onnx", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(model, path, "onnx", (1, 32, 32))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx"]
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet18_wrc", "googlenet", "cspresnet50"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -37,20 +38,30 @@ def export_model(model: nn.Module, path, fmt: str = "onnx", input_size: Sequence
     input_size = tuple(input_size or model.default_input_size)
     prepared = _prepare(model)
     example = torch.zeros(2, *input_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter; correctness is checked by tests
-        if fmt == "onnx":
-            _export_onnx(prepared, example, path, opset)
-        else:
-            with torch.no_grad():
-                traced = torch.jit.trace(prepared, example, check_trace=False)
-            traced.save(str(path))
+    # Written beside the target and renamed over it once whole: a full disk or Ctrl-C mid-write leaves the
+    # previous export as it was, never a truncated file that looks like a model.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation chatter; correctness is checked by tests
+            if fmt == "onnx":
+                _export_onnx(prepared, example, partial, opset)
+            else:
+                with torch.no_grad():
+                    traced = torch.jit.trace(prepared, example, check_trace=False)
+                traced.save(str(partial))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     info = {"format": fmt, "model_name": getattr(model, "model_name", type(model).__name__),
             "in_chans": input_size[0], "image_size": input_size[1], "input_name": "images",
             "output_name": "logits", "mean": [0.0] * input_size[0], "std": [1.0] * input_size[0],
             "classes": [str(i) for i in range(getattr(model, "num_classes", 0))]}
     info.update(meta or {})
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    meta_path, meta_partial = path.with_suffix(".json"), path.with_name(f".{path.stem}.json.partial")
+    meta_partial.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(meta_partial, meta_path)
     return path
 
 
