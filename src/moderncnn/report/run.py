@@ -28,6 +28,19 @@ def _tta_words(level) -> str:
     return f", TTA level {level} ({views}) on the last epoch's test figures"
 
 
+def _progressive_words(cfg, full: int) -> str:
+    start = cfg.get("progressive_size") or 0
+    if not 0 < start < full:
+        return ""
+    return (f", progressive resizing from {start}x{start} to {full}x{full} over the first "
+            f"{cfg['progressive_fraction']:.0%} of the epochs")
+
+
+def _size_mark(row, full: int) -> str:
+    side = int(row.get("train_size") or full)
+    return f" (at {side}x{side})" if side != full else ""
+
+
 def _tta_mark(row) -> str:
     return f" (TTA {int(row['tta'])})" if row.get("tta") else ""
 
@@ -72,6 +85,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
         f"augmentation {cfg['augment']}{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
+        f"{_progressive_words(cfg, info['image_size'])}"
         f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",
         f"| throughput | {sum(r['images_per_second'] for r in history) / len(history):.0f} training images/s "
@@ -93,7 +107,7 @@ def write_run_report(run_dir: Path) -> Path:
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
               f"{r['test_acc']:.4f}{_tta_mark(r)} | "
-              f"{r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f} |"
+              f"{r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f}{_size_mark(r, info['image_size'])} |"
               for r in history]
     lines += ["", "## Predictions", "", "![predictions](predictions.png)", "",
               "## Confusion matrix", "", "![confusion](confusion.png)", "",

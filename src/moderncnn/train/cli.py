@@ -17,6 +17,7 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
     "augment": "augment", "download": "download", "budget": "budget", "sync_bn": "sync_bn",
     "pretrained": "pretrained", "freeze_backbone": "freeze_backbone", "head_lr_mult": "head_lr_mult",
     "val_fraction": "val_fraction", "init": "init", "memory_efficient": None,
+    "progressive_size": "progressive_size", "progressive_fraction": "progressive_fraction",
 }
 
 
@@ -56,6 +57,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "2 flip + one-pixel shifts, 0 off")
     p.add_argument("--init", choices=["xavier", "whiten"], default=None,
                    help="weight initialisation: xavier (d2l) or whiten (first conv = patch-whitening basis)")
+    p.add_argument("--progressive-size", type=int, default=None, metavar="SIDE",
+                   help="progressive resizing: train the first epochs at this smaller side, growing in 4-pixel "
+                        "steps to the full size (test images always at full size; 0 = off)")
+    p.add_argument("--progressive-fraction", type=float, default=None, metavar="F",
+                   help="share of the epochs that progressive resizing spends below the full size (default 0.7)")
     p.add_argument("--val-fraction", type=float, default=None, help="image folders without test/: hold-out share")
     p.add_argument("--memory-efficient", action="store_true", default=None,
                    help="DenseNet: recompute concat-BN-ReLU in backward to save memory")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "resolve_config", "recipe_names"]
+__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "resolve_config", "recipe_names", "train_side"]
 
 
 @dataclass
@@ -54,6 +54,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     head_lr_mult: Optional[float] = None
     val_fraction: Optional[float] = None
+    progressive_size: Optional[int] = None  # progressive resizing: first side (0 = off), see train_side()
+    progressive_fraction: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,7 +72,7 @@ class TrainConfig:
 DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
-    augment="crop+flip", normalize=True, init=None, tta=False,
+    augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
 )
 
 # Default learning rates per optimizer, for a batch of 128 (scaled linearly with batch size when the
@@ -192,5 +194,23 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
     if int(cfg.tta or 0) not in (0, 1, 2):
         raise ValueError(f"tta must be 0 (off), 1 (flip) or 2 (flip + one-pixel shifts), got {cfg.tta!r}")
+    if cfg.progressive_size < 0 or not 0 < cfg.progressive_fraction <= 1:
+        raise ValueError(f"progressive_size must be >= 0 and progressive_fraction in (0, 1], got "
+                         f"{cfg.progressive_size} and {cfg.progressive_fraction}")
     if cfg.init not in (None, "xavier", "whiten"):
         raise ValueError(f"init must be xavier or whiten, got {cfg.init!r}")
+
+
+def train_side(epoch: int, epochs: int, full: int, start: int, fraction: float) -> int:
+    """The side at which epoch ``epoch`` (0-based) of ``epochs`` trains under progressive resizing.
+
+    The side grows linearly from ``start`` to ``full`` over the first ``fraction`` of the epochs, in steps
+    of 4 pixels, and is ``full`` for the rest (fast.ai's DAWNBench runs, FFCV's ImageNet recipes): small
+    early epochs cost less, and the last ones train at the size the test images have. ``start`` 0 (or
+    not below ``full``) turns it off.
+    """
+    ramp = int(round(fraction * epochs))
+    if not start or start >= full or epoch >= ramp:
+        return full
+    grown = (full - start) * epoch / ramp
+    return min(full, start + int(grown // 4) * 4)

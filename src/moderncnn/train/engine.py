@@ -32,17 +32,18 @@ from ..models.layers import InputTooSmallError
 from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
-from .config import RECIPES, TrainConfig, resolve_config
+from .config import RECIPES, TrainConfig, resolve_config, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, ema_warmup_fn
 
 __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
            "METRIC_FIELDS", "load_model", "build_model_from_checkpoint"]
 
 # ``tta``: the test-time augmentation level the epoch's test figures used (the last epoch's only, see _train).
+# ``train_size``: the side the epoch trained at (below the full size under progressive resizing).
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second",
-                 "tta"]
+                 "tta", "train_size"]
 
 
 class TrainingInterrupted(Exception):
@@ -324,6 +325,9 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         raise InputTooSmallError(f"{cfg.model} needs inputs of at least {side}x{side} pixels, but "
                                  f"{cfg.dataset} images are {image_size}x{image_size}; pass --image-size {side} "
                                  f"(or larger) to resize them")
+    if 0 < cfg.progressive_size < side:
+        raise InputTooSmallError(f"{cfg.model} needs inputs of at least {side}x{side} pixels; "
+                                 f"--progressive-size {cfg.progressive_size} is smaller")
     if cfg.init == "xavier" and not cfg.pretrained:
         xavier_init(model)
     elif cfg.init == "whiten" and not cfg.pretrained and resume_state is None:
@@ -372,8 +376,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                                 int(round(cfg.warmup * steps_per_epoch)))
     ema = None
     if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        from torch.optim.swa_utils import AveragedModel
+        ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(cfg.ema), use_buffers=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     # --- run directory and resume ---------------------------------------------------------------------
@@ -433,7 +437,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         mode = "resuming" if resume_state is not None else "training"
         print(f"{mode} {cfg.model} ({params:,} params, {flops / 1e6:.1f} MFLOPs/image) on {cfg.dataset} "
               f"({len(train_set):,} train / {len(test_set):,} test, {image_size}x{image_size}) | recipe {cfg.recipe}: "
-              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.epochs} epochs | "
+              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.epochs} epochs"
+              f"{f' (the first trained from {cfg.progressive_size}x{cfg.progressive_size} up)' if 0 < cfg.progressive_size < image_size else ''} | "
               f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
 
     show_bar = main and cfg.progress and sys.stdout.isatty()
@@ -448,6 +453,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             net.train()
             keep_frozen_norms_in_eval(model)
             epoch_start = time.perf_counter()
+            side = train_side(epoch, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = torch.zeros((), dtype=torch.int64, device=device)
@@ -466,6 +472,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
             for step, (x, y) in enumerate(batches, start=first_step):
+                if side != image_size:  # progressive resizing: the augmented batch, shrunk
+                    x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits, loss = _loss(net(x), y, criterion)
                 where = (epoch, step, global_step, scheduler.get_last_lr()[0])
@@ -535,7 +543,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             seconds = time.perf_counter() - epoch_start + elapsed_before
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                   "images_per_second": seen.item() / max(train_time, 1e-9), "tta": tta_level}
+                   "images_per_second": seen.item() / max(train_time, 1e-9), "tta": tta_level,
+                   "train_size": side}
             history.append(row)
             train_seconds += seconds
             improved = test_acc > best_acc
@@ -552,7 +561,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     save_checkpoint(best, run_dir / "best.pt")
                 print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
-                      f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s", flush=True)
+                      f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s"
+                      f"{f'  (trained at {side}x{side})' if side != image_size else ''}", flush=True)
             if last_epoch and epoch + 1 < cfg.epochs:  # the time budget is spent
                 if main:
                     print(f"time budget of {cfg.budget:.0f}s reached after {epoch + 1} epochs; stopping", flush=True)

@@ -7,7 +7,7 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "LRSchedule", "build_scheduler"]
+__all__ = ["param_groups", "build_optimizer", "LRSchedule", "build_scheduler", "ema_warmup_fn"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
@@ -74,3 +74,26 @@ class LRSchedule:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(kind, total_steps, warmup_steps))
+
+
+def ema_warmup_fn(decay: float):
+    """The update of an exponential moving average of the weights whose decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's ``num_updates``, timm's warm-up).
+
+    A fixed 0.999 still holds 0.999**n of the initial random weights after n steps (17% after a 1,755-step
+    run); the warm-up makes the early average follow the model and reach the full decay after ~9,000
+    steps. Meant as ``AveragedModel``'s ``multi_avg_fn``: it receives the averaged and current tensors and
+    the number of updates so far (a tensor, kept on the device so a GPU run never waits for it).
+    """
+    @torch.no_grad()
+    def update(averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged) -> None:
+        # AveragedModel calls this once per (device, dtype) group, so each list has one dtype.
+        if not averaged[0].is_floating_point():  # integer buffers (BatchNorm's batch count): copied
+            torch._foreach_copy_(averaged, current)
+            return
+        n = torch.as_tensor(num_averaged, device=averaged[0].device).to(averaged[0].dtype)
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(averaged, d)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
+    return update
