@@ -85,3 +85,20 @@ def test_progressive_size_below_the_models_minimum_is_refused(tmp_path):
     with pytest.raises(ValueError, match="progressive_fraction"):
         moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, out=str(tmp_path), name="r2",
                         progress=False, progressive_size=20, progressive_fraction=0)
+
+
+def test_resume_of_a_checkpoint_from_before_progressive_resizing(tmp_path):
+    from moderncnn.train import load_checkpoint
+    from moderncnn.train.checkpoint import save_checkpoint
+    data = make_mnist(tmp_path / "data", n_train=128, n_test=32, learnable=True)
+    moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, batch_size=64, out=str(tmp_path), name="run",
+                    progress=False, augment="none")
+    last = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(last)
+    for key in ("progressive_size", "progressive_fraction"):  # what an older moderncnn wrote
+        del state["config"][key]
+    state.pop("format", None)
+    save_checkpoint(state, last)
+    resumed = moderncnn.train(resume=str(tmp_path / "run"), epochs=2, progress=False)
+    assert [r["train_size"] for r in resumed.history] == [28, 28]
+    assert resumed.config.progressive_size == 0

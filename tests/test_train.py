@@ -329,7 +329,8 @@ def test_train_cli_has_every_flag():
     for flag in ["--model", "--dataset", "--data-dir", "--image-size", "--epochs", "--batch-size", "--lr",
                  "--optimizer", "--schedule", "--warmup", "--weight-decay", "--label-smoothing", "--ema",
                  "--grad-clip", "--subset", "--recipe", "--seed", "--device", "--amp", "--channels-last",
-                 "--compile", "--out", "--name", "--resume", "--no-progress", "--tta"]:
+                 "--compile", "--out", "--name", "--resume", "--no-progress", "--tta", "--progressive-size",
+                 "--progressive-fraction"]:
         assert flag in text, flag
 
 

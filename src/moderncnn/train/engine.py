@@ -32,7 +32,7 @@ from ..models.layers import InputTooSmallError
 from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
-from .config import RECIPES, TrainConfig, resolve_config, train_side
+from .config import DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler, ema_warmup_fn
@@ -273,6 +273,8 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         changes = {k: getattr(config, k) for k in ("epochs", "progress", "device", "budget")
                    if k in explicit or (k == "epochs" and config.epochs is not None)}
         cfg = dataclasses.replace(saved, resume=str(run_dir), **changes)
+        # Options added after the checkpoint was written take their defaults (they did not exist then).
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in DEFAULTS.items() if getattr(cfg, k) is None})
     else:
         cfg = resolve_config(config, explicit)
     try:
