@@ -94,9 +94,12 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                   lr=3e-3, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.0, augment="crop"),
     # DenseNet-BC on CIFAR-10 at 32x32: a small DenseNet-BC with a full-resolution stem, 26 epochs (what
     # fits an hour of a 2-core CPU), crop+flip, label smoothing, flip + shift TTA on the last epoch.
-    "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=26,
+    # Progressive resizing (24 -> 28 -> 32 over 70% of the epochs) buys 33 epochs in the time of 26 at
+    # full size; with the warmed-up EMA: 89.04% in 56 min (26 full-size epochs, no EMA: 88.94% in 59.6).
+    "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=33,
                     batch_size=128, optimizer="sgd", lr=0.2, schedule="onecycle", weight_decay=5e-4,
-                    label_smoothing=0.1, augment="crop+flip", tta=2, channels_last=True),
+                    label_smoothing=0.1, augment="crop+flip", tta=2, channels_last=True, ema=0.999,
+                    progressive_size=24, progressive_fraction=0.7),
     # Fashion-MNIST, an hour of a 2-core CPU: the default network with the paper's 4k bottleneck and the
     # full-resolution stem (3x3 conv at 28x28, then a 2x2 max-pool), 33 epochs, erasing, EMA, flip + shift
     # TTA (scored on the last epoch only, which left time for three more epochs than with per-epoch TTA).
