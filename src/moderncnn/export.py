@@ -14,6 +14,7 @@ from torch import nn
 
 from .cli import _EXTRA_COMMANDS
 from .models.inference import fold_batchnorm
+from .train.checkpoint import write_text_atomic
 
 __all__ = ["export", "export_model", "FORMATS"]
 
@@ -59,9 +60,7 @@ def export_model(model: nn.Module, path, fmt: str = "onnx", input_size: Sequence
             "output_name": "logits", "mean": [0.0] * input_size[0], "std": [1.0] * input_size[0],
             "classes": [str(i) for i in range(getattr(model, "num_classes", 0))]}
     info.update(meta or {})
-    meta_path, meta_partial = path.with_suffix(".json"), path.with_name(f".{path.stem}.json.partial")
-    meta_partial.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(meta_partial, meta_path)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return path
 
 

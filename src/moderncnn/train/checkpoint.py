@@ -16,7 +16,7 @@ from typing import Any, Dict, Union
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_model_state", "resolve_checkpoint",
+__all__ = ["CheckpointError", "save_checkpoint", "write_text_atomic", "load_checkpoint", "load_model_state", "resolve_checkpoint",
            "FORMAT"]
 
 FORMAT = "moderncnn-checkpoint-v1"
@@ -24,6 +24,20 @@ FORMAT = "moderncnn-checkpoint-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers see the old
+    file or the new one, never half of one (run metadata, export metadata)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:

@@ -31,7 +31,8 @@ from ..models import create_model
 from ..models.layers import InputTooSmallError
 from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
-from .checkpoint import CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint,
+                         write_text_atomic)
 from .config import DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
@@ -201,9 +202,7 @@ def _versions(device: torch.device) -> Dict[str, str]:
 
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _write_metrics(path: Path, history: List[Dict[str, float]]) -> None:
