@@ -372,6 +372,30 @@ def test_augment_spec_parsing():
         Augment.parse("crop+rotate")
 
 
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    assert Augment.parse("crop+altflip") == Augment(4, "reflect", True, 0.0, alternate_flip=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        Augment.parse("flip+altflip")
+    # Each image is a ramp whose first pixel is its own index: a flipped image starts with its last pixel.
+    n, size = 64, 8
+    images = (torch.arange(n)[:, None] * 2 + torch.tensor([0] + [1] * (size - 1)))
+    images = images.to(torch.uint8).view(n, 1, 1, size).expand(n, 1, size, size).contiguous()
+    ds = ImageDataset(images, torch.arange(n), [str(i) for i in range(n)], "ramps")
+    loader = Loader(ds, 16, augment="altflip", seed=3, mean=[0.0], std=[1 / 255])  # x == the bytes
+
+    def flips(epoch):
+        out = torch.empty(n, dtype=torch.bool)
+        for x, y in loader.iterate(epoch):
+            out[y] = x[:, 0, 0, 0] != (y * 2).float()  # not its own first pixel: mirrored
+        return out
+
+    first = flips(0)
+    assert 0.3 < first.float().mean().item() < 0.7
+    assert torch.equal(flips(1), ~first) and torch.equal(flips(2), first) and torch.equal(flips(5), ~first)
+    again = Loader(ds, 16, augment="altflip", seed=3, mean=[0.0], std=[1 / 255])
+    assert torch.equal(again.flipped_first, loader.flipped_first)  # fixed by the seed: every rank agrees
+
+
 def test_fused_crop_flip_matches_pad_then_crop():
     """The gather-based crop+flip equals padding the image and cutting the window, for both modes."""
     from torch.nn import functional as F

@@ -38,7 +38,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (e.g. 0.999; 0 = off)")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0 = off)")
-    p.add_argument("--augment", default=None, help="none, crop, flip, crop+flip, crop+flip+erase")
+    p.add_argument("--augment", default=None,
+                   help="none, crop, flip, crop+flip, crop+flip+erase; altflip in place of flip flips each image "
+                        "every other epoch (Jordan 2024)")
     p.add_argument("--subset", type=int, default=None, help="use at most N train and N test images")
     p.add_argument("--recipe", default=None,
                    help=f"{', '.join(recipe_names())} (default: fast), or a JSON file of training options")
