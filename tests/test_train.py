@@ -67,6 +67,12 @@ def test_ema_run_says_its_test_figures_are_the_averaged_weights(data_dir, tmp_pa
     assert "EMA weights (decay 0.9)" in report and "EMA 0.9" in report
 
 
+def test_alternating_flip_run_names_it_in_the_report(data_dir, tmp_path):
+    moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, augment="crop+altflip"))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "augmentation crop+altflip (alternating flip)" in report
+
+
 def _interrupt_at_step(monkeypatch, n):
     calls = {"n": 0}
     real_loss = engine._loss

@@ -84,7 +84,8 @@ def write_run_report(run_dir: Path) -> Path:
         f"{' momentum ' + str(cfg['momentum']) if cfg['optimizer'] == 'sgd' else ''}, {cfg['schedule']} schedule"
         f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
-        f"augmentation {cfg['augment']}{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
+        f"augmentation {cfg['augment']}{' (alternating flip)' if 'altflip' in str(cfg['augment']) else ''}"
+        f"{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
         f"{_progressive_words(cfg, info['image_size'])}"
         f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",

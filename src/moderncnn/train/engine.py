@@ -573,6 +573,11 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                        train_seconds, params, flops)
     if main:
         _finish_run(eval_model, test_set, test_loader, cfg, run_dir, result, amp_dtype, final_predictions)
+    if info.enabled:
+        # The other ranks wait for rank 0's report before the process group is torn down: a gloo rank
+        # that left while rank 0 was still writing was seen to abort ("terminate called without an
+        # active exception"), and torchrun then killed rank 0 and failed the job.
+        torch.distributed.barrier()
     return result
 
 
