@@ -8,6 +8,7 @@ from typing import Dict, List
 
 import torch
 
+from ..data.loader import Augment
 from .plots import plot_confusion, plot_curves, plot_predictions
 from .summary import human
 
@@ -84,7 +85,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"{' momentum ' + str(cfg['momentum']) if cfg['optimizer'] == 'sgd' else ''}, {cfg['schedule']} schedule"
         f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
-        f"augmentation {cfg['augment']}{' (alternating flip)' if 'altflip' in str(cfg['augment']) else ''}"
+        f"augmentation {cfg['augment']}{' (alternating flip)' if Augment.parse(cfg['augment']).alternate_flip else ''}"
         f"{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
         f"{_progressive_words(cfg, info['image_size'])}"
         f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
