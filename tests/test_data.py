@@ -370,6 +370,23 @@ def test_augment_spec_parsing():
     assert not Augment.parse("none").enabled
     with pytest.raises(ValueError, match="unknown augmentation rotate"):
         Augment.parse("crop+rotate")
+    assert Augment.parse("crop2+altflip") == Augment(2, "reflect", True, 0.0, alternate_flip=True)
+    with pytest.raises(ValueError, match="crop and crop2 exclude each other"):
+        Augment.parse("crop+crop2")
+
+
+def test_crop_padding_from_the_spec_bounds_the_shift():
+    """"crop2" pads by two pixels: a lone dot moves by -2..2 in each direction, every offset taken."""
+    n, size, centre = 512, 16, 8
+    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    images[:, 0, centre, centre] = 255
+    ds = ImageDataset(images, torch.zeros(n, dtype=torch.long), ["dot"], "dots")
+    loader = Loader(ds, 128, augment="crop2", seed=0, mean=[0.0], std=[1.0])
+    x = torch.cat([batch for batch, _ in loader.iterate(0)])
+    where = x.flatten(1).argmax(1)
+    dy, dx = where // size - centre, where % size - centre
+    assert set(dy.tolist()) == set(dx.tolist()) == {-2, -1, 0, 1, 2}
+    assert (x.flatten(1).amax(1) == 1).all()  # the dot (255, scaled to 1) never leaves the image
 
 
 def test_alternating_flip_flips_each_image_every_other_epoch():

@@ -4,6 +4,7 @@ worker processes (airbench's approach, applied to every dataset)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -38,7 +39,8 @@ class Augment:
     @classmethod
     def parse(cls, spec: Union[str, "Augment", bool, None]) -> "Augment":
         """"none", "crop", "flip", "crop+flip", "crop+flip+erase", with "altflip" for the alternating
-        flip in place of "flip" (or an Augment, or True/False)."""
+        flip in place of "flip" and "cropN" for a crop padded by N pixels instead of 4 (e.g. "crop2+flip";
+        or an Augment, or True/False)."""
         if isinstance(spec, Augment):
             return spec
         if spec is None or spec is True:
@@ -46,13 +48,17 @@ class Augment:
         if spec is False or spec == "none" or spec == "":
             return cls(crop_padding=0, flip=False, erasing=0.0)
         parts = set(str(spec).replace(",", "+").split("+"))
-        unknown = parts - {"crop", "flip", "altflip", "erase"}
+        crops = {p for p in parts if re.fullmatch(r"crop\d*", p)}
+        unknown = parts - crops - {"flip", "altflip", "erase"}
         if unknown:
             raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; "
-                             "use crop, flip (or altflip), erase joined by +")
+                             "use crop (or cropN, N pixels of padding), flip (or altflip), erase joined by +")
+        if len(crops) > 1:
+            raise ValueError(f"augmentation: {' and '.join(sorted(crops))} exclude each other; use one crop")
+        padding = int(crops.pop()[4:] or 4) if crops else 0
         if {"flip", "altflip"} <= parts:
             raise ValueError("augmentation: flip and altflip exclude each other; use one")
-        return cls(crop_padding=4 if "crop" in parts else 0, flip=bool(parts & {"flip", "altflip"}),
+        return cls(crop_padding=padding, flip=bool(parts & {"flip", "altflip"}),
                    erasing=0.25 if "erase" in parts else 0.0, alternate_flip="altflip" in parts)
 
     @property
