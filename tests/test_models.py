@@ -195,6 +195,22 @@ def test_densenet_stem_pool_halves_resolution_after_a_full_resolution_conv():
         model(torch.randn(1, 3, 7, 7))
 
 
+def test_densenet_stem_width_adds_a_full_resolution_conv_before_the_stem_conv():
+    model = create_model("densenet_bc_cifar", num_classes=10, stem_width=24).eval()
+    names = [name for name, _ in model.features.named_children()][:7]
+    assert names == ["conv0a", "norm0a", "relu0a", "conv0", "norm0", "relu0", "pool0"]
+    assert (model.features.conv0a.in_channels, model.features.conv0a.out_channels) == (3, 24)
+    assert (model.features.conv0.in_channels, model.features.conv0.out_channels) == (24, 32)
+    plain = create_model("densenet_bc_cifar", num_classes=10)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 3 * 24 * 9 + 2 * 24 + (24 - 3) * 32 * 9  # conv0a, norm0a, a wider conv0
+    shapes = {}
+    model.features.conv0.register_forward_hook(lambda m, i, o: shapes.update(conv0=o.shape))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert shapes["conv0"][-2:] == (32, 32)  # both stem convs see every pixel
+    assert model.min_input_size[1] == 8
+
+
 def test_densenet_variant_shape_is_overridable():
     model = create_model("densenet_bc_fmnist", num_classes=10, growth_rate=8, block_config=(2, 2),
                          num_init_features=12)

@@ -246,21 +246,29 @@ class Transition(nn.Sequential):
         return self.conv(x)
 
 
-def stem_steps(small_input: bool, stem_stride: int = 1, stem_pool: bool = False):
+def stem_steps(small_input: bool, stem_stride: int = 1, stem_pool: bool = False, stem_width: int = 0):
     """Down-sampling steps of the DenseNet stems (for the minimum input size)."""
     if small_input:
-        return [(3, stem_stride, 1, False)] + ([(2, 2, 0, False)] if stem_pool else [])
+        first = [(3, 1, 1, False)] if stem_width else []
+        return first + [(3, stem_stride, 1, False)] + ([(2, 2, 0, False)] if stem_pool else [])
     return [(7, 2, 3, False), (3, 2, 1, False)]
 
 
 def make_stem(in_chans: int, width: int, small_input: bool, stem_stride: int = 1, bias: bool = False,
-              stem_pool: bool = False) -> List:
+              stem_pool: bool = False, stem_width: int = 0) -> List:
     """The ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), or a single 3x3 conv for small images
     (the paper's CIFAR stem; BN-ReLU follows inside the first dense layer). ``stem_pool`` adds BN, ReLU
     and a 2x2 max-pool after the small-input conv: the dense blocks then run at half resolution, as
-    with a stride-2 conv, but the stem still sees every pixel."""
+    with a stride-2 conv, but the stem still sees every pixel. ``stem_width`` > 0 puts a 3x3 conv of
+    that many channels (with BN-ReLU) before it: a two-layer "deep stem" (He et al., "Bag of Tricks",
+    2019) that gives the full-resolution part of a small network a learned layer of its own."""
     if small_input:
-        conv = [("conv0", nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=bias))]
+        conv = []
+        if stem_width:
+            conv = [("conv0a", nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=bias)),
+                    ("norm0a", nn.BatchNorm2d(stem_width)), ("relu0a", nn.ReLU(inplace=True))]
+            in_chans = stem_width
+        conv.append(("conv0", nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=bias)))
         if not stem_pool:
             return conv
         return conv + [("norm0", nn.BatchNorm2d(width)), ("relu0", nn.ReLU(inplace=True)),
@@ -286,6 +294,7 @@ class DenseNet(ImageClassifier):
         memory_efficient: recompute concat-BN-ReLU in backward instead of storing it.
         small_input: a 3x3 conv stem (stride ``stem_stride``) instead of 7x7/2 + max-pool.
         stem_pool: with ``small_input``, BN-ReLU and a 2x2 max-pool after the stem conv.
+        stem_width: with ``small_input``, a first full-resolution 3x3 conv of this many channels (0: none).
         bias: biased convolutions (d2l's layers); torchvision's have none.
         channels_last: keep weights and activations channels-last (NHWC), the layout in which oneDNN's
             BatchNorm and convolutions run fastest on CPUs (1.3-1.5x for DenseNet-121 training on AVX2)
@@ -300,14 +309,15 @@ class DenseNet(ImageClassifier):
                  drop_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
                  memory_efficient: bool = False, small_input: bool = False, stem_stride: int = 1,
                  stem_pool: bool = False, bias: bool = False, cross_stage_partial: float | None = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, stem_width: int = 0):
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
-        steps = stem_steps(small_input, stem_stride, stem_pool) + [(2, 2, 0, False)] * (len(block_config) - 1)
+        steps = stem_steps(small_input, stem_stride, stem_pool, stem_width) + [(2, 2, 0, False)] * (len(block_config) - 1)
         super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
         self.growth_rate = growth_rate
         self.features = nn.Sequential()
-        for name, module in make_stem(in_chans, num_init_features, small_input, stem_stride, bias, stem_pool):
+        for name, module in make_stem(in_chans, num_init_features, small_input, stem_stride, bias, stem_pool,
+                                       stem_width):
             self.features.add_module(name, module)
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
