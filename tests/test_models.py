@@ -209,6 +209,8 @@ def test_densenet_stem_width_adds_a_full_resolution_conv_before_the_stem_conv():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert shapes["conv0"][-2:] == (32, 32)  # both stem convs see every pixel
     assert model.min_input_size[1] == 8
+    with pytest.raises(ValueError, match="small_input"):
+        create_model("densenet121", stem_width=32)  # the ImageNet stem has no place for it
 
 
 def test_densenet_variant_shape_is_overridable():

@@ -312,7 +312,10 @@ class DenseNet(ImageClassifier):
                  channels_last: bool = True, stem_width: int = 0):
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
-        steps = stem_steps(small_input, stem_stride, stem_pool, stem_width) + [(2, 2, 0, False)] * (len(block_config) - 1)
+        if stem_width and not small_input:
+            raise ValueError("stem_width adds a conv to the small-input stem; it needs small_input=True")
+        steps = stem_steps(small_input, stem_stride, stem_pool, stem_width)
+        steps += [(2, 2, 0, False)] * (len(block_config) - 1)
         super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
         self.growth_rate = growth_rate
         self.features = nn.Sequential()
