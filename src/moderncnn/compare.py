@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -23,23 +22,12 @@ from .cli import _EXTRA_COMMANDS
 from .models import list_models
 from .report.run import read_metrics
 from .report.summary import human
+from .train.budget import parse_budget
 
 __all__ = ["compare", "parse_budget", "write_comparison_report"]
 
 RESULT_FIELDS = ["model", "params", "flops_per_image", "peak_memory_mb", "train_seconds", "images_per_second",
                  "best_acc", "final_acc", "epochs_done"]
-
-
-def parse_budget(text) -> Optional[float]:
-    """'90s', '10m', '1.5h' or a number of seconds -> seconds."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return float(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
-    if not match:
-        raise ValueError(f"budget must look like 90s, 10m or 1.5h, got {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 def compare(models: Sequence[str], dataset: str = "fashion-mnist", epochs: Optional[int] = None,

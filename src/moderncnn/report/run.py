@@ -37,6 +37,13 @@ def _progressive_words(cfg, full: int) -> str:
             f"{cfg['progressive_fraction']:.0%} of the epochs")
 
 
+def _budget_words(cfg, epochs_done: int) -> str:
+    if not cfg.get("budget"):
+        return ""
+    return (f", time budget {cfg['budget']:.0f}s (the epochs, {epochs_done} here, planned from measured times so "
+            f"that the schedule ends with the budget)")
+
+
 def _size_mark(row, full: int) -> str:
     side = int(row.get("train_size") or full)
     return f" (at {side}x{side})" if side != full else ""
@@ -88,6 +95,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"augmentation {cfg['augment']}{' (alternating flip)' if Augment.parse(cfg['augment']).alternate_flip else ''}"
         f"{', EMA ' + str(cfg['ema']) if cfg['ema'] else ''}"
         f"{_progressive_words(cfg, info['image_size'])}"
+        f"{_budget_words(cfg, len(history))}"
         f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",
         f"| throughput | {sum(r['images_per_second'] for r in history) / len(history):.0f} training images/s "

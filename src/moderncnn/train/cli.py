@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..cli import _EXTRA_COMMANDS
+from .budget import parse_budget
 from .config import recipe_names
 
 TRAIN_FLAGS = {  # flag -> TrainConfig field
@@ -19,6 +20,13 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
     "val_fraction": "val_fraction", "init": "init", "memory_efficient": None,
     "progressive_size": "progressive_size", "progressive_fraction": "progressive_fraction",
 }
+
+
+def _budget(text: str) -> float:
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,7 +165,10 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="registered model name (default densenet_bc_fmnist)")
     add_train_arguments(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last.pt")
-    p.add_argument("--budget", type=float, default=None, help="stop after the epoch that passes this many seconds")
+    p.add_argument("--budget", type=_budget, default=None, metavar="TIME",
+                   help="train for about this long (90s, 10m, 1.5h or seconds): the epochs are planned from "
+                        "measured epoch times so the schedule ends with the budget; --epochs, if given, is the "
+                        "most")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
                    help="start from torchvision's ImageNet weights (or a local state-dict file)")

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "resolve_config", "recipe_names", "train_side"]
+__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "resolve_config", "recipe_names",
+           "train_side"]
 
 
 @dataclass
@@ -74,6 +75,10 @@ DEFAULTS: Dict[str, Any] = dict(
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
     augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
 )
+
+# The most epochs a run with a time budget plans when --epochs is not given (a bound for the planner's
+# search, not a target; see budget.py).
+BUDGET_MAX_EPOCHS = 10_000
 
 # Default learning rates per optimizer, for a batch of 128 (scaled linearly with batch size when the
 # learning rate is not given).
@@ -186,6 +191,10 @@ def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> Train
             setattr(cfg, key, value)
     if cfg.lr is None:
         cfg.lr = BASE_LR.get(cfg.optimizer, 0.1) * cfg.batch_size / 128
+    if cfg.budget and config.epochs is None and "epochs" not in explicit:
+        # A time budget decides the length (the recipe's epochs are for runs without one); --epochs,
+        # given with it, is the most it may plan.
+        cfg.epochs = BUDGET_MAX_EPOCHS
     _validate(cfg)
     return cfg
 
@@ -199,6 +208,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError("epochs, batch_size and lr must be positive")
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
+    if cfg.budget is not None and not cfg.budget > 0:
+        raise ValueError(f"budget must be a positive number of seconds, got {cfg.budget!r}")
     if int(cfg.tta or 0) not in (0, 1, 2):
         raise ValueError(f"tta must be 0 (off), 1 (flip) or 2 (flip + one-pixel shifts), got {cfg.tta!r}")
     if cfg.progressive_size < 0 or not 0 < cfg.progressive_fraction <= 1:

@@ -33,7 +33,8 @@ from ..models.pretrained import keep_frozen_norms_in_eval
 from ..report.summary import count_parameters, summary
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint,
                          write_text_atomic)
-from .config import DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
+from .budget import TTA_VIEWS, EpochPlanner
+from .config import BUDGET_MAX_EPOCHS, DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler, ema_warmup_fn
@@ -282,6 +283,11 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         cleanup_distributed()
 
 
+def _agree(planned_epochs: int, info: DistInfo) -> int:
+    """Rank 0's plan for every rank: each measures its own times, but all must run the same epochs."""
+    return int(broadcast_object(int(planned_epochs), info))
+
+
 def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResult:
     device = pick_device(cfg.device)
     info = setup_distributed(device.type)
@@ -410,6 +416,21 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             run_dir.mkdir(parents=True, exist_ok=True)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"{run_dir} already finished {start_epoch} epochs; pass a larger --epochs to continue")
+    # A time budget plans the number of epochs (at most cfg.epochs) from measured times; the schedule and
+    # progressive resizing follow the plan (see budget.py). Without one, the plan is cfg.epochs.
+    planner, planned = None, cfg.epochs
+    if cfg.budget:
+        planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction,
+                               train_images=len(train_set), test_images=len(test_set),
+                               final_views=TTA_VIEWS[int(cfg.tta or 0)])
+        for row in history:  # a resumed run plans from the epochs it has done
+            if row.get("train_images") and row.get("images_per_second"):
+                train_time = row["train_images"] / row["images_per_second"]
+                planner.record_train(int(row.get("train_size") or image_size), train_time, int(row["train_images"]))
+                if not row.get("tta"):
+                    planner.record_eval(row["seconds"] - train_time)
+        planned = _agree(planner.plan(start_epoch + 1, sum(r["seconds"] for r in history)), info)
+        scheduler.lr_lambdas[0].total = planned * steps_per_epoch
 
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
@@ -436,9 +457,13 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
 
     if main:
         mode = "resuming" if resume_state is not None else "training"
+        length = f"{cfg.epochs} epochs"
+        if cfg.budget:
+            length = (f"time budget {cfg.budget:.0f}s (epochs planned from measured times"
+                      f"{f', at most {cfg.epochs}' if cfg.epochs < BUDGET_MAX_EPOCHS else ''})")
         print(f"{mode} {cfg.model} ({params:,} params, {flops / 1e6:.1f} MFLOPs/image) on {cfg.dataset} "
               f"({len(train_set):,} train / {len(test_set):,} test, {image_size}x{image_size}) | recipe {cfg.recipe}: "
-              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {cfg.epochs} epochs"
+              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {length}"
               f"{f' (the first trained from {cfg.progressive_size}x{cfg.progressive_size} up)' if 0 < cfg.progressive_size < image_size else ''} | "
               f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
 
@@ -450,11 +475,13 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     final_predictions = None
 
     with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
+        epoch = start_epoch - 1
+        while epoch + 1 < planned:
+            epoch += 1
             net.train()
             keep_frozen_norms_in_eval(model)
             epoch_start = time.perf_counter()
-            side = train_side(epoch, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction)
+            side = train_side(epoch, planned, image_size, cfg.progressive_size, cfg.progressive_fraction)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = torch.zeros((), dtype=torch.int64, device=device)
@@ -469,9 +496,12 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             bar = None
             if show_bar:
                 from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{planned}",
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
+            timing_steps = {s: None for s in range(first_step + 1, min(first_step + 12, steps_per_epoch - 1))}
+            if len(timing_steps) < 2:
+                timing_steps = {}
             for step, (x, y) in enumerate(batches, start=first_step):
                 if side != image_size:  # progressive resizing: the augmented batch, shrunk
                     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -495,6 +525,19 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 if ema is not None:
                     ema.update_parameters(model)
                 global_step += 1
+                if planner is not None and not planner.measured and step in timing_steps:
+                    # The first steps of a budgeted run time the epoch (after two warm-up steps), and the
+                    # schedule is planned from them before the end of the first epoch.
+                    timing_steps[step] = time.perf_counter()
+                    if step == max(timing_steps):
+                        first, last = min(timing_steps), max(timing_steps)
+                        planner.record_train(side, (timing_steps[last] - timing_steps[first]) * steps_per_epoch
+                                             / (last - first), len(train_set))
+                        planned = _agree(planner.plan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
+                                                      + planner.evaluation_seconds()), info)
+                        scheduler.lr_lambdas[0].total = planned * steps_per_epoch
+                        if bar is not None:
+                            bar.set_description(f"epoch {epoch + 1}/{planned}")
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 seen += y.numel()
@@ -531,10 +574,17 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             train_loss, train_acc = loss_sum.item() / seen.item(), correct.item() / seen.item()
             # Test-time augmentation costs a forward pass per view, so the epochs in between are scored on
             # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
+            if planner is not None:  # plan again with this epoch's time (its evaluation as the last one's)
+                planner.record_train(side, train_time, int(seen.item()))
+                planned = _agree(planner.plan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(),
+                                              planned), info)
+                scheduler.lr_lambdas[0].total = planned * steps_per_epoch
+            # Should the plan have been too long, the epoch that passes the budget is the last.
             budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
                                         device=device)
             all_reduce_sum(budget_spent, info)  # every rank stops after the same epoch
-            last_epoch = epoch + 1 == cfg.epochs or budget_spent.item() > 0
+            last_epoch = epoch + 1 >= planned or budget_spent.item() > 0
+            eval_start = time.perf_counter()
             tta_level = int(cfg.tta or 0) if last_epoch else 0
             if last_epoch and main and not info.enabled:  # keep the predictions for the report
                 test_loss, test_acc, *final_predictions = evaluate(
@@ -542,10 +592,12 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             else:
                 test_loss, test_acc = evaluate(eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, info=info)
             seconds = time.perf_counter() - epoch_start + elapsed_before
+            if planner is not None and not tta_level:
+                planner.record_eval(time.perf_counter() - eval_start)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                    "images_per_second": seen.item() / max(train_time, 1e-9), "tta": tta_level,
-                   "train_size": side}
+                   "train_size": side, "train_images": int(seen.item())}
             history.append(row)
             train_seconds += seconds
             improved = test_acc > best_acc
@@ -560,13 +612,14 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     if ema is not None:
                         best["model"] = ema.module.state_dict()
                     save_checkpoint(best, run_dir / "best.pt")
-                print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                print(f"epoch {epoch + 1:3d}/{planned}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
                       f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s"
                       f"{f'  (trained at {side}x{side})' if side != image_size else ''}", flush=True)
-            if last_epoch and epoch + 1 < cfg.epochs:  # the time budget is spent
+            if last_epoch and cfg.budget:
                 if main:
-                    print(f"time budget of {cfg.budget:.0f}s reached after {epoch + 1} epochs; stopping", flush=True)
+                    print(f"time budget of {cfg.budget:.0f}s: {train_seconds:.0f}s used by {epoch + 1} epochs; "
+                          f"stopping", flush=True)
                 break
 
     result = RunResult(run_dir, cfg, history, best_acc, history[-1]["test_acc"] if history else 0.0,
@@ -603,7 +656,7 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
                 "sample_index": sample, "test_acc": acc}, run_dir / "predictions.pt")
     _write_json(run_dir / "summary.json", {
         "model": cfg.model, "dataset": cfg.dataset, "recipe": cfg.recipe, "params": result.params,
-        "flops_per_image": result.flops, "epochs_done": len(result.history), "epochs_planned": cfg.epochs,
+        "flops_per_image": result.flops, "epochs_done": len(result.history), "epochs_planned": cfg.epochs if not cfg.budget else len(result.history),
         "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
         "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
         "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0)})

@@ -1,0 +1,127 @@
+"""Time-budgeted training: ``--budget 10m`` plans the number of epochs from measured epoch times, so that
+the learning-rate schedule (and progressive resizing) ends when the time does.
+
+Stopping a run planned for more epochs leaves it at a high learning rate, short of the end of its
+schedule; a schedule that is planned to decay by the end of the budget is the better use of the same
+time (Li, Yumer & Ramanan, "Budgeted Training: Rethinking Deep Neural Network Training Under Resource
+Constraints", ICLR 2020). The plan is remade after a few steps of the first epoch and after every epoch,
+from the seconds per training image at each side trained so far and the seconds of one evaluation.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional
+
+from .config import train_side
+
+__all__ = ["parse_budget", "EpochPlanner", "TTA_VIEWS"]
+
+# Forward passes per test image at each TTA level (see engine.tta_views).
+TTA_VIEWS = {0: 1, 1: 2, 2: 6}
+
+
+def parse_budget(text) -> Optional[float]:
+    """'90s', '10m', '1.5h' or a number of seconds -> seconds (None for None or '')."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+        if not match:
+            raise ValueError(f"budget must look like 90s, 10m or 1.5h, got {text!r}")
+        seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"budget must be positive, got {text!r}")
+    return seconds
+
+
+class EpochPlanner:
+    """How many epochs fit in ``budget`` seconds of training and evaluation.
+
+    Args:
+        budget: seconds for all epochs together (training and the per-epoch evaluation, as the run's
+            "seconds" column counts them).
+        max_epochs: the most epochs to plan.
+        full_side, progressive_size, progressive_fraction: the run's progressive resizing (see
+            :func:`train_side`), so that small early epochs are planned at their own cost.
+        train_images, test_images: images per epoch of training and per evaluation.
+        final_views: forward passes per test image in the last evaluation (test-time augmentation).
+    """
+
+    def __init__(self, budget: float, max_epochs: int, full_side: int, progressive_size: int = 0,
+                 progressive_fraction: float = 0.7, train_images: int = 1, test_images: int = 0,
+                 final_views: int = 1):
+        self.budget, self.max_epochs = float(budget), int(max_epochs)
+        self.full_side, self.progressive_size, self.progressive_fraction = full_side, progressive_size, \
+            progressive_fraction
+        self.train_images, self.test_images, self.final_views = train_images, test_images, final_views
+        self.train_rate: Dict[int, float] = {}  # side -> seconds per training image, latest measurement
+        self.eval_seconds: Optional[float] = None
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.train_rate)
+
+    def record_train(self, side: int, seconds: float, images: int) -> None:
+        if images > 0 and seconds > 0:
+            self.train_rate[int(side)] = seconds / images
+
+    def record_eval(self, seconds: float) -> None:
+        if seconds > 0:
+            self.eval_seconds = seconds
+
+    def side(self, epoch: int, epochs: int) -> int:
+        return train_side(epoch, epochs, self.full_side, self.progressive_size, self.progressive_fraction)
+
+    def epoch_train_seconds(self, side: int) -> float:
+        """One training epoch at ``side``: measured there, else scaled by area from the nearest measured side
+        (convolutions cost in proportion to the pixels)."""
+        nearest = min(self.train_rate, key=lambda s: (abs(s - side), -s))
+        return self.train_rate[nearest] * (side / nearest) ** 2 * self.train_images
+
+    def evaluation_seconds(self) -> float:
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        # Not measured yet: a forward pass costs about a third of a training step (forward + backward).
+        return self.epoch_train_seconds(self.full_side) / 3 * self.test_images / max(1, self.train_images)
+
+    def predicted_seconds(self, epochs: int, committed: int, spent: float) -> float:
+        """Seconds at the end of a run of ``epochs`` epochs, ``committed`` of which are done or under way
+        and together cost ``spent``."""
+        per_eval = self.evaluation_seconds()
+        total = spent + sum(self.epoch_train_seconds(self.side(j, epochs)) + per_eval for j in range(committed, epochs))
+        return total + per_eval * (self.final_views - 1)
+
+    def fit(self, committed: int, spent: float, limit: float) -> int:
+        """The most epochs (at least ``committed``, at most ``max_epochs``) predicted to end by ``limit``."""
+        if self.predicted_seconds(committed, committed, spent) > limit:
+            return committed
+        lo, hi = committed, self.max_epochs  # predicted(lo) fits; find the last one that does
+        if self.predicted_seconds(hi, committed, spent) <= limit:
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.predicted_seconds(mid, committed, spent) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def plan(self, committed: int, spent: float, current: Optional[int] = None) -> int:
+        """The number of epochs to run, ``committed`` of which are done or under way and cost ``spent``.
+
+        The first plan is the most epochs that fit. Later ones keep ``current`` unless the times have
+        drifted by half an epoch: epoch times jitter, and a plan that went back and forth near the
+        budget would stretch the schedule after it had ended.
+        """
+        if not self.measured:
+            return max(committed, self.max_epochs if current is None else current)
+        if current is None:
+            return self.fit(committed, spent, self.budget)
+        half_epoch = (self.epoch_train_seconds(self.full_side) + self.evaluation_seconds()) / 2
+        longer = self.fit(committed, spent, self.budget - half_epoch)
+        if longer > current:
+            return longer
+        shorter = self.fit(committed, spent, self.budget + half_epoch)
+        return max(committed, min(current, shorter))

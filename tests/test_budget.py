@@ -1,0 +1,127 @@
+"""Time budgets: the epoch planner's arithmetic, and runs whose schedule is planned to end with the budget."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moderncnn.train import TrainConfig, load_checkpoint, train
+from moderncnn.train.budget import EpochPlanner, parse_budget
+from moderncnn.cli import _register_commands, build_parser
+from moderncnn.train.cli import config_from_args
+from moderncnn.train.config import BUDGET_MAX_EPOCHS, resolve_config
+
+from helpers import make_mnist
+from test_distributed import _free_port
+
+
+def _planner(budget, **kwargs):
+    kwargs.setdefault("max_epochs", 1000)
+    kwargs.setdefault("full_side", 32)
+    kwargs.setdefault("train_images", 1000)
+    kwargs.setdefault("test_images", 500)
+    planner = EpochPlanner(budget, **kwargs)
+    planner.record_train(32, 9.0, 1000)  # 9 s per training epoch at 32x32
+    planner.record_eval(1.0)  # 1 s per evaluation
+    return planner
+
+
+def test_plan_fills_the_budget_with_whole_epochs():
+    assert _planner(100).plan(1, 10.0) == 10  # 10 epochs of 10 s end exactly at 100 s
+    assert _planner(99.9).plan(1, 10.0) == 9
+    assert _planner(100, max_epochs=7).plan(1, 10.0) == 7
+    # The final evaluation under TTA level 2 costs 5 more evaluations: one epoch less fits.
+    assert _planner(100, final_views=6).plan(1, 10.0) == 9
+    # Already over the budget: the committed epochs are the plan.
+    assert _planner(100).plan(3, 150.0) == 3
+
+
+def test_plan_prices_small_progressive_epochs_by_area():
+    planner = _planner(100, progressive_size=16, progressive_fraction=0.5)
+    assert planner.epoch_train_seconds(16) == pytest.approx(9.0 / 4)
+    assert planner.epoch_train_seconds(24) == pytest.approx(9.0 * (24 / 32) ** 2)
+    planned = planner.plan(1, 10.0)
+    assert planned > 10  # the early epochs at 16-28 pixels are cheaper
+    assert planner.predicted_seconds(planned, 1, 10.0) <= 100 < planner.predicted_seconds(planned + 1, 1, 10.0)
+    # A measurement at 16x16 replaces the area estimate there.
+    planner.record_train(16, 4.0, 1000)
+    assert planner.epoch_train_seconds(16) == pytest.approx(4.0)
+    assert planner.epoch_train_seconds(20) == pytest.approx(4.0 * (20 / 16) ** 2)
+
+
+def test_replanning_ignores_jitter_and_follows_drift():
+    planner = _planner(100)
+    assert planner.plan(2, 20.0, current=10) == 10
+    planner.record_train(32, 9.3, 1000)  # a slower epoch: 10 epochs would end at 102.7 s, within half an epoch
+    assert planner.fit(2, 20.3, 100) == 9
+    assert planner.plan(2, 20.3, current=10) == 10
+    planner.record_train(32, 12.0, 1000)  # the machine got a third slower: the plan shrinks
+    assert planner.plan(2, 23.0, current=10) == 8
+    planner.record_train(32, 6.0, 1000)  # and faster: it grows
+    assert planner.plan(2, 20.0, current=10) == 12
+    unmeasured = EpochPlanner(100, max_epochs=50, full_side=32)
+    assert unmeasured.plan(1, 0.0) == 50 and unmeasured.plan(1, 0.0, current=7) == 7
+
+
+def test_parse_budget_and_the_cli_flag():
+    assert parse_budget("90s") == 90 and parse_budget("10m") == 600 and parse_budget("1.5h") == 5400
+    assert parse_budget(" 45 ") == 45 and parse_budget(None) is None and parse_budget(12) == 12.0
+    for bad in ("ten minutes", "0", "-5m"):
+        with pytest.raises(ValueError, match="budget must"):
+            parse_budget(bad)
+    _register_commands()
+    parser = build_parser()
+    config, explicit = config_from_args(parser.parse_args(["train", "--budget", "10m"]))
+    assert config.budget == 600.0 and "budget" in explicit
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--budget", "soon"])
+
+
+def test_a_budget_replaces_the_recipes_epochs_unless_epochs_are_given():
+    assert resolve_config(TrainConfig(recipe="fast", budget=60)).epochs == BUDGET_MAX_EPOCHS
+    assert resolve_config(TrainConfig(recipe="fast", budget=60, epochs=3), {"epochs"}).epochs == 3
+    assert resolve_config(TrainConfig(recipe="fast")).epochs == 4
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        resolve_config(TrainConfig(budget=-1))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64, learnable=True)
+
+
+def test_a_spent_budget_ends_the_schedule_in_the_epoch_it_plans(data_dir, tmp_path, capsys):
+    # 1 ms fits no more than the first epoch: the plan made after its first steps is one epoch, so the
+    # one-cycle schedule runs to its end (1/1000 of the peak) inside it, instead of stopping at its peak.
+    result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=3, budget=0.001,
+                   batch_size=32, lr=0.1, out=str(tmp_path), name="b", progress=False)
+    out = capsys.readouterr().out
+    assert len(result.history) == 1
+    assert result.history[0]["lr"] == pytest.approx(0.1 * 1e-3)
+    assert "epoch   1/1" in out and "time budget of 0s" in out
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["epochs_done"] == 1 and summary["epochs_planned"] == 1
+    assert "time budget 0s" in (tmp_path / "b" / "report.md").read_text()
+    # Each epoch's training images are recorded, so a resumed budgeted run can plan from its history.
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["history"][0]["train_images"] == 128
+
+
+def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):
+    result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, budget=3600,
+                   batch_size=32, out=str(tmp_path), name="big", progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert result.history[-1]["lr"] == pytest.approx(result.config.lr * 1e-3)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_follow_one_plan(data_dir, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
+                          "--dataset", "mnist", "--data-dir", str(data_dir), "--epochs", "3", "--budget", "0.001",
+                          "--batch-size", "32", "--out", str(tmp_path), "--name", "ddp", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "epoch   1/1" in run.stdout and run.stdout.count("done: final test accuracy") == 1
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["epochs_done"] == 1
