@@ -211,7 +211,7 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--budget", default=None, help="wall-clock training time per model, e.g. 10m")
+    p.add_argument("--budget", default=None, help="wall-clock training time per model, e.g. 10m: each plans its epochs to fill it (--epochs caps them)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--recipe", default="fast")
     p.add_argument("--subset", type=int, default=None)

@@ -618,8 +618,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                       f"{f'  (trained at {side}x{side})' if side != image_size else ''}", flush=True)
             if last_epoch and cfg.budget:
                 if main:
-                    print(f"time budget of {cfg.budget:.0f}s: {train_seconds:.0f}s used by {epoch + 1} epochs; "
-                          f"stopping", flush=True)
+                    print(f"time budget of {cfg.budget:.0f}s: {train_seconds:.0f}s used by {epoch + 1} "
+                          f"epoch{'s' if epoch else ''}; stopping", flush=True)
                 break
 
     result = RunResult(run_dir, cfg, history, best_acc, history[-1]["test_acc"] if history else 0.0,
