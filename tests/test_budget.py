@@ -51,16 +51,23 @@ def test_plan_prices_small_progressive_epochs_by_area():
     assert planner.epoch_train_seconds(20) == pytest.approx(4.0 * (20 / 16) ** 2)
 
 
-def test_replanning_ignores_jitter_and_follows_drift():
+def test_replanning_follows_the_times_then_only_shrinks():
     planner = _planner(100)
     assert planner.plan(2, 20.0, current=10) == 10
-    planner.record_train(32, 9.3, 1000)  # a slower epoch: 10 epochs would end at 102.7 s, within half an epoch
-    assert planner.fit(2, 20.3, 100) == 9
-    assert planner.plan(2, 20.3, current=10) == 10
-    planner.record_train(32, 12.0, 1000)  # the machine got a third slower: the plan shrinks
-    assert planner.plan(2, 23.0, current=10) == 8
-    planner.record_train(32, 6.0, 1000)  # and faster: it grows
-    assert planner.plan(2, 20.0, current=10) == 12
+    # First half of the plan: it follows the times either way.
+    planner.record_train(32, 9.3, 1000)
+    assert planner.plan(2, 20.3, current=10) == 9
+    planner.record_train(32, 8.0, 1000)
+    assert planner.plan(2, 19.0, current=10) == 11
+    # Second half: jitter within a quarter of an epoch keeps the plan (10 epochs of 10.3 s end at 101.2 s) ...
+    planner.record_train(32, 9.3, 1000)
+    assert planner.plan(6, 60.0, current=10) == 10
+    # ... a faster machine does not lengthen a decaying schedule ...
+    planner.record_train(32, 6.0, 1000)
+    assert planner.plan(6, 60.0, current=10) == 10
+    # ... and a third slower one shortens it: 60 s + 3 x 13 s fits, a fourth epoch would not.
+    planner.record_train(32, 12.0, 1000)
+    assert planner.plan(6, 60.0, current=10) == 9
     unmeasured = EpochPlanner(100, max_epochs=50, full_side=32)
     assert unmeasured.plan(1, 0.0) == 50 and unmeasured.plan(1, 0.0, current=7) == 7
 

@@ -106,12 +106,21 @@ def _collect(comp_dir: Path) -> List[Dict]:
     return rows
 
 
+def _tick(value: float) -> str:
+    """Axis tick text: 3 significant digits and an SI prefix (240M, 1.5G, 150)."""
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(value) < 1000 or prefix == "T":
+            return f"{value:.3g}{prefix}"
+        value /= 1000
+    return str(value)
+
+
 def write_comparison_report(comp_dir: Path) -> Path:
     """results.csv, accuracy.png, tradeoff.png and report.md from the finished runs in ``comp_dir``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     comp_dir = Path(comp_dir)
     settings = json.loads((comp_dir / "compare.json").read_text())
@@ -137,13 +146,23 @@ def write_comparison_report(comp_dir: Path) -> Path:
     plt.close(fig)
 
     fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((ax_f, "flops_per_image", "FLOPs per image (log)"),
-                           (ax_t, "train_seconds", "training time, s (log)")):
+    for ax, key, label in ((ax_f, "flops_per_image", "FLOPs per image"), (ax_t, "train_seconds", "training time, s")):
         for r in rows:
             ax.scatter(r[key], r["best_acc"], s=30)
             ax.annotate(r["model"], (r[key], r["best_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
+        values = [r[key] for r in rows if r[key] > 0]
+        # A log axis only where the costs span a decade; within one, matplotlib labels its minor ticks
+        # (1.5x10^2, 1.6x10^2, ...) on top of each other.
+        wide = bool(values) and max(values) >= 10 * min(values)
+        if wide:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
+        ax.margins(x=0.12)  # room for the labels of the outermost points
+        ax.set_xlabel(label + (" (log scale)" if wide else ""))
         ax.set_ylabel("best test accuracy")
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"accuracy against cost on {settings['dataset']}")

@@ -111,17 +111,16 @@ class EpochPlanner:
     def plan(self, committed: int, spent: float, current: Optional[int] = None) -> int:
         """The number of epochs to run, ``committed`` of which are done or under way and cost ``spent``.
 
-        The first plan is the most epochs that fit. Later ones keep ``current`` unless the times have
-        drifted by half an epoch: epoch times jitter, and a plan that went back and forth near the
-        budget would stretch the schedule after it had ended.
+        In the first half of the ``current`` plan it follows the times: the most epochs that fit. In the
+        second half the schedule is decaying, and a longer plan would raise the learning rate again (or
+        stretch a schedule that has ended), so the plan only shrinks, and only when it is predicted to
+        pass the budget by more than a quarter of an epoch (epoch times jitter).
         """
         if not self.measured:
             return max(committed, self.max_epochs if current is None else current)
-        if current is None:
+        if current is None or 2 * committed < current:
             return self.fit(committed, spent, self.budget)
-        half_epoch = (self.epoch_train_seconds(self.full_side) + self.evaluation_seconds()) / 2
-        longer = self.fit(committed, spent, self.budget - half_epoch)
-        if longer > current:
-            return longer
-        shorter = self.fit(committed, spent, self.budget + half_epoch)
-        return max(committed, min(current, shorter))
+        quarter_epoch = (self.epoch_train_seconds(self.full_side) + self.evaluation_seconds()) / 4
+        if self.predicted_seconds(current, committed, spent) > self.budget + quarter_epoch:
+            return self.fit(committed, spent, self.budget)
+        return max(committed, current)
