@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU recipes (cifar10-gpu, fmnist-best-gpu) side by side on one GPU, then `moderncnn bench` on it.
 #
-# A short throughput probe of each recipe's network (both at once, as they will train) sizes each run to
-# TRAIN_SECONDS of training; the exact training commands are printed. Everything lands in $OUT:
+# Each run gets TRAIN_SECONDS of training and evaluation (--budget plans its epochs from measured times);
+# the exact training commands are printed. Everything lands in $OUT:
 # gpu_recipes.log (this script's output), one <run>.tar.gz per run (report, curves, metrics, best.pt,
 # training log) and bench.txt.
 #
@@ -44,43 +44,13 @@ SUBSET_FLAGS=()
 [ -n "$SUBSET" ] && SUBSET_FLAGS=(--subset "$SUBSET")
 [ "$BATCH" != 512 ] && SUBSET_FLAGS+=(--batch-size "$BATCH")
 
-# --- probe: training images/s of each recipe's network, both processes at once -------------------------
-probe() {  # name model in_chans side batch
-  "$PYTHON" - "$@" <<'EOF'
-import json, sys, torch
-from moderncnn.bench import measure
-name, model, chans, side, batch, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-torch.backends.cudnn.benchmark = True
-r = measure("moderncnn", model, "train", (chans, side, side), batch, device=device, steps=10 if device == "cpu" else 30,
-            warmup=3 if device == "cpu" else 10, amp=device == "cuda", channels_last=True, repeats=2)
-print(json.dumps({"name": name, **r}))
-EOF
-}
-probe cifar10-gpu densenet_bc_100 3 32 "$BATCH" "$DEVICE" > "$RUNS/probe-cifar.json" &
-probe fmnist-best-gpu densenet_bc_100 1 28 "$BATCH" "$DEVICE" > "$RUNS/probe-fmnist.json" &
-wait
-cat "$RUNS"/probe-*.json
-grep -q images_per_second "$RUNS/probe-cifar.json" && grep -q images_per_second "$RUNS/probe-fmnist.json" || return 1
-
-# Epochs that fit TRAIN_SECONDS: an epoch costs its training images at the probed rate, plus the test
-# set's evaluation (a forward pass, about a third of a training step per image) and ~10% for augmentation,
-# EMA and bookkeeping.
-epochs_for() {  # probe.json train_images test_images
-  "$PYTHON" -c "
-import json, sys
-ips = json.load(open('$1'))['images_per_second']
-per_epoch = ($2 * 1.1 + $3 / 3) / ips
-print(max(1, min($MAX_EPOCHS, int($TRAIN_SECONDS / per_epoch))))"
-}
-N_CIFAR=${SUBSET:-50000}; N_FMNIST=${SUBSET:-60000}
-E_CIFAR=$(epochs_for "$RUNS/probe-cifar.json" "$N_CIFAR" 10000)
-E_FMNIST=$(epochs_for "$RUNS/probe-fmnist.json" "$N_FMNIST" 10000)
-
+# Each run plans its epochs to fill TRAIN_SECONDS (--budget: the schedule ends with the budget; both runs
+# measure their epochs while sharing the GPU, as they train). MAX_EPOCHS caps them.
 CMD_CIFAR=("$PYTHON" -m moderncnn train --recipe cifar10-gpu --dataset imagefolder --data-dir "$CIFAR"
-           --epochs "$E_CIFAR" --device "$DEVICE" --out "$RUNS" --name cifar10-gpu --no-progress
+           --budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --name cifar10-gpu --no-progress
            "${AMP_FLAGS[@]}" "${SUBSET_FLAGS[@]}")
 CMD_FMNIST=("$PYTHON" -m moderncnn train --recipe fmnist-best-gpu --data-dir "$DATA/fashion-mnist"
-            --epochs "$E_FMNIST" --device "$DEVICE" --out "$RUNS" --name fmnist-best-gpu --no-progress
+            --budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --name fmnist-best-gpu --no-progress
             "${AMP_FLAGS[@]}" "${SUBSET_FLAGS[@]}")
 echo "== $(date -u +%T) training, side by side:"
 echo "   ${CMD_CIFAR[*]}"
