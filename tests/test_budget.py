@@ -72,6 +72,18 @@ def test_replanning_follows_the_times_then_only_shrinks():
     assert unmeasured.plan(1, 0.0) == 50 and unmeasured.plan(1, 0.0, current=7) == 7
 
 
+def test_a_resumed_run_plans_from_its_history():
+    planner = EpochPlanner(100, max_epochs=1000, full_side=32, train_images=1000, test_images=500)
+    planner.record_history([
+        {"seconds": 10.0, "images_per_second": 1000 / 9.0, "train_images": 1000, "train_size": 32, "tta": 0},
+        {"seconds": 12.0, "images_per_second": 1000 / 6.0, "train_images": 1000, "train_size": 32, "tta": 2},
+        {"seconds": 5.0, "images_per_second": 100.0},  # written before train_images existed: skipped
+    ])
+    assert planner.epoch_train_seconds(32) == pytest.approx(6.0)  # the latest measurement
+    assert planner.evaluation_seconds() == pytest.approx(1.0)  # not the TTA epoch's 6 s
+    assert planner.plan(3, 22.0) == 14  # 22 s + 11 x 7 s = 99 s
+
+
 def test_parse_budget_and_the_cli_flag():
     assert parse_budget("90s") == 90 and parse_budget("10m") == 600 and parse_budget("1.5h") == 5400
     assert parse_budget(" 45 ") == 45 and parse_budget(None) is None and parse_budget(12) == 12.0

@@ -71,6 +71,16 @@ class EpochPlanner:
         if seconds > 0:
             self.eval_seconds = seconds
 
+    def record_history(self, history) -> None:
+        """The times of finished epochs (rows of a checkpoint's history: seconds, images_per_second,
+        train_images, train_size, tta)."""
+        for row in history:
+            if row.get("train_images") and row.get("images_per_second"):
+                train_time = row["train_images"] / row["images_per_second"]
+                self.record_train(int(row.get("train_size") or self.full_side), train_time, int(row["train_images"]))
+                if not row.get("tta"):  # a TTA evaluation costs several plain ones
+                    self.record_eval(row["seconds"] - train_time)
+
     def side(self, epoch: int, epochs: int) -> int:
         return train_side(epoch, epochs, self.full_side, self.progressive_size, self.progressive_fraction)
 

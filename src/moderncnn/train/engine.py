@@ -419,18 +419,18 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     # A time budget plans the number of epochs (at most cfg.epochs) from measured times; the schedule and
     # progressive resizing follow the plan (see budget.py). Without one, the plan is cfg.epochs.
     planner, planned = None, cfg.epochs
+
+    def replan(committed: int, spent: float, current: Optional[int] = None) -> int:
+        new_plan = _agree(planner.plan(committed, spent, current), info)
+        scheduler.lr_lambdas[0].total = new_plan * steps_per_epoch
+        return new_plan
+
     if cfg.budget:
         planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction,
                                train_images=len(train_set), test_images=len(test_set),
                                final_views=TTA_VIEWS[int(cfg.tta or 0)])
-        for row in history:  # a resumed run plans from the epochs it has done
-            if row.get("train_images") and row.get("images_per_second"):
-                train_time = row["train_images"] / row["images_per_second"]
-                planner.record_train(int(row.get("train_size") or image_size), train_time, int(row["train_images"]))
-                if not row.get("tta"):
-                    planner.record_eval(row["seconds"] - train_time)
-        planned = _agree(planner.plan(start_epoch + 1, sum(r["seconds"] for r in history)), info)
-        scheduler.lr_lambdas[0].total = planned * steps_per_epoch
+        planner.record_history(history)  # a resumed run plans from the epochs it has done
+        planned = replan(start_epoch + 1, sum(r["seconds"] for r in history))
 
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
@@ -499,9 +499,11 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{planned}",
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
-            timing_steps = {s: None for s in range(first_step + 1, min(first_step + 12, steps_per_epoch - 1))}
-            if len(timing_steps) < 2:
-                timing_steps = {}
+            timing_steps = {}  # step -> time: the first steps of an unmeasured budgeted run
+            if planner is not None and not planner.measured:
+                timing_steps = {s: 0.0 for s in range(first_step + 1, min(first_step + 12, steps_per_epoch - 1))}
+                if len(timing_steps) < 2:
+                    timing_steps = {}
             for step, (x, y) in enumerate(batches, start=first_step):
                 if side != image_size:  # progressive resizing: the augmented batch, shrunk
                     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -525,7 +527,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 if ema is not None:
                     ema.update_parameters(model)
                 global_step += 1
-                if planner is not None and not planner.measured and step in timing_steps:
+                if step in timing_steps and not planner.measured:
                     # The first steps of a budgeted run time the epoch (after two warm-up steps), and the
                     # schedule is planned from them before the end of the first epoch.
                     timing_steps[step] = time.perf_counter()
@@ -533,9 +535,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                         first, last = min(timing_steps), max(timing_steps)
                         planner.record_train(side, (timing_steps[last] - timing_steps[first]) * steps_per_epoch
                                              / (last - first), len(train_set))
-                        planned = _agree(planner.plan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
-                                                      + planner.evaluation_seconds()), info)
-                        scheduler.lr_lambdas[0].total = planned * steps_per_epoch
+                        planned = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
+                                         + planner.evaluation_seconds())
                         if bar is not None:
                             bar.set_description(f"epoch {epoch + 1}/{planned}")
                 loss_sum += loss.detach().double() * y.numel()
@@ -576,9 +577,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
             if planner is not None:  # plan again with this epoch's time (its evaluation as the last one's)
                 planner.record_train(side, train_time, int(seen.item()))
-                planned = _agree(planner.plan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(),
-                                              planned), info)
-                scheduler.lr_lambdas[0].total = planned * steps_per_epoch
+                planned = replan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(), planned)
             # Should the plan have been too long, the epoch that passes the budget is the last.
             budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
                                         device=device)
@@ -656,7 +655,8 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
                 "sample_index": sample, "test_acc": acc}, run_dir / "predictions.pt")
     _write_json(run_dir / "summary.json", {
         "model": cfg.model, "dataset": cfg.dataset, "recipe": cfg.recipe, "params": result.params,
-        "flops_per_image": result.flops, "epochs_done": len(result.history), "epochs_planned": cfg.epochs if not cfg.budget else len(result.history),
+        "flops_per_image": result.flops, "epochs_done": len(result.history),
+        "epochs_planned": len(result.history) if cfg.budget else cfg.epochs,
         "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
         "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
         "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0)})
