@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moderncnn.train import TrainConfig, load_checkpoint, train
-from moderncnn.train.budget import EpochPlanner, parse_budget
+from moderncnn.train.budget import TTA_VIEWS, EpochPlanner, parse_budget
 from moderncnn.cli import _register_commands, build_parser
 from moderncnn.train.cli import config_from_args
 from moderncnn.train.config import BUDGET_MAX_EPOCHS, resolve_config
@@ -36,6 +36,12 @@ def test_plan_fills_the_budget_with_whole_epochs():
     assert _planner(100, final_views=6).plan(1, 10.0) == 9
     # Already over the budget: the committed epochs are the plan.
     assert _planner(100).plan(3, 150.0) == 3
+
+
+def test_tta_view_counts_match_the_views_evaluated():
+    from moderncnn.train.engine import tta_views
+    for level, views in TTA_VIEWS.items():
+        assert len(tta_views(torch.zeros(1, 1, 4, 4), level)) == views
 
 
 def test_plan_prices_small_progressive_epochs_by_area():

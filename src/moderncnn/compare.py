@@ -106,15 +106,6 @@ def _collect(comp_dir: Path) -> List[Dict]:
     return rows
 
 
-def _tick(value: float) -> str:
-    """Axis tick text: 3 significant digits and an SI prefix (240M, 1.5G, 150)."""
-    for prefix in ("", "K", "M", "G", "T"):
-        if abs(value) < 1000 or prefix == "T":
-            return f"{value:.3g}{prefix}"
-        value /= 1000
-    return str(value)
-
-
 def write_comparison_report(comp_dir: Path) -> Path:
     """results.csv, accuracy.png, tradeoff.png and report.md from the finished runs in ``comp_dir``."""
     import matplotlib
@@ -160,7 +151,7 @@ def write_comparison_report(comp_dir: Path) -> Path:
             ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             ax.xaxis.set_major_locator(MaxNLocator(6))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v, spec='.3g')))  # 240M, 150
         ax.margins(x=0.12)  # room for the labels of the outermost points
         ax.set_xlabel(label + (" (log scale)" if wide else ""))
         ax.set_ylabel("best test accuracy")
@@ -230,7 +221,9 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--budget", default=None, help="wall-clock training time per model, e.g. 10m: each plans its epochs to fill it (--epochs caps them)")
+    p.add_argument("--budget", default=None,
+                   help="wall-clock training time per model, e.g. 10m: each plans its epochs to fill it "
+                        "(--epochs caps them)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--recipe", default="fast")
     p.add_argument("--subset", type=int, default=None)

@@ -74,12 +74,11 @@ class ModelSummary:
         return self.table()
 
 
-def human(value: float, unit: str = "", base: int = 1000) -> str:
+def human(value: float, unit: str = "", base: int = 1000, spec: str = "") -> str:
+    """``value`` with an SI prefix: 2 decimals (whole numbers below ``base``), or ``spec`` for all."""
     for prefix in ("", "K", "M", "G", "T"):
         if abs(value) < base or prefix == "T":
-            if prefix == "":
-                return f"{value:.0f}{unit}" if unit else f"{value:.0f}"
-            return f"{value:.2f}{prefix}{unit}"
+            return f"{value:{spec or ('.0f' if prefix == '' else '.2f')}}{prefix}{unit}"
         value /= base
     return str(value)
 
