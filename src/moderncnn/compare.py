@@ -201,7 +201,7 @@ def _settings_text(settings: Dict) -> str:
 
 def cmd_compare(args) -> int:
     passthrough = []
-    for flag in ("lr", "batch_size", "optimizer", "schedule", "seed", "device", "data_dir", "augment"):
+    for flag in ("lr", "muon_lr", "batch_size", "optimizer", "schedule", "seed", "device", "data_dir", "augment"):
         value = getattr(args, flag)
         if value is not None:
             passthrough += [f"--{flag.replace('_', '-')}", str(value)]
@@ -230,8 +230,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs")
     p.add_argument("--name", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    for flag, kind in (("--lr", float), ("--batch-size", int), ("--optimizer", str), ("--schedule", str),
-                       ("--seed", int), ("--device", str), ("--augment", str)):
+    for flag, kind in (("--lr", float), ("--muon-lr", float), ("--batch-size", int), ("--optimizer", str),
+                       ("--schedule", str), ("--seed", int), ("--device", str), ("--augment", str)):
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--tta", type=int, nargs="?", const=1, default=None, metavar="LEVEL",

@@ -9,6 +9,7 @@ from typing import Dict, List
 import torch
 
 from ..data.loader import Augment
+from ..train.optim import describe_optimizer
 from .plots import plot_confusion, plot_curves, plot_predictions
 from .summary import human
 
@@ -88,8 +89,8 @@ def write_run_report(run_dir: Path) -> Path:
         f"{', subset ' + str(cfg['subset']) if cfg.get('subset') else ''} |",
         f"| normalisation | mean {info['normalization']['mean']}, std {info['normalization']['std']} "
         f"(from the training set) |",
-        f"| recipe | `{cfg['recipe']}`: {cfg['optimizer']} lr {cfg['lr']:g}"
-        f"{' momentum ' + str(cfg['momentum']) if cfg['optimizer'] == 'sgd' else ''}, {cfg['schedule']} schedule"
+        f"| recipe | `{cfg['recipe']}`: "
+        f"{describe_optimizer(cfg['optimizer'], cfg['lr'], cfg['momentum'], cfg.get('muon_lr'))}, {cfg['schedule']} schedule"
         f"{', warmup ' + str(cfg['warmup']) + ' epochs' if cfg['warmup'] else ''}, batch {cfg['batch_size']}, "
         f"weight decay {cfg['weight_decay']:g}, label smoothing {cfg['label_smoothing']:g}, "
         f"augmentation {cfg['augment']}{' (alternating flip)' if Augment.parse(cfg['augment']).alternate_flip else ''}"

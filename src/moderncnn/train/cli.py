@@ -10,7 +10,7 @@ from .config import recipe_names
 
 TRAIN_FLAGS = {  # flag -> TrainConfig field
     "model": "model", "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size",
-    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "muon_lr": "muon_lr",
     "momentum": "momentum", "schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay",
     "label_smoothing": "label_smoothing", "ema": "ema", "grad_clip": "grad_clip", "subset": "subset",
     "recipe": "recipe", "seed": "seed", "device": "device", "amp": "amp", "channels_last": "channels_last",
@@ -38,7 +38,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (not rescaled for you)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"], default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam", "muon"], default=None,
+                   help="muon: Muon for the conv filters, SGD (--lr) for the rest")
+    p.add_argument("--muon-lr", type=float, default=None,
+                   help="peak learning rate of the conv filters under --optimizer muon (default 0.05)")
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--schedule", choices=["cosine", "onecycle", "step", "constant"], default=None)
     p.add_argument("--warmup", type=float, default=None, help="warm-up length in epochs")

@@ -37,7 +37,7 @@ from .budget import TTA_VIEWS, EpochPlanner
 from .config import BUDGET_MAX_EPOCHS, DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
-from .optim import build_optimizer, build_scheduler, ema_warmup_fn
+from .optim import build_optimizer, build_scheduler, describe_optimizer, ema_warmup_fn
 
 __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
            "METRIC_FIELDS", "load_model", "build_model_from_checkpoint"]
@@ -378,7 +378,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                          channels_last=cfg.channels_last)
     steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
-                                head_lr_mult=head_lr_mult, head_names=head_names)
+                                head_lr_mult=head_lr_mult, head_names=head_names, muon_lr=cfg.muon_lr)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch,
                                 int(round(cfg.warmup * steps_per_epoch)))
     ema = None
@@ -463,7 +463,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                       f"{f', at most {cfg.epochs}' if cfg.epochs < BUDGET_MAX_EPOCHS else ''})")
         print(f"{mode} {cfg.model} ({params:,} params, {flops / 1e6:.1f} MFLOPs/image) on {cfg.dataset} "
               f"({len(train_set):,} train / {len(test_set):,} test, {image_size}x{image_size}) | recipe {cfg.recipe}: "
-              f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule}, batch {cfg.batch_size}, {length}"
+              f"{describe_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.muon_lr)}, {cfg.schedule}, "
+              f"batch {cfg.batch_size}, {length}"
               f"{f' (the first trained from {cfg.progressive_size}x{cfg.progressive_size} up)' if 0 < cfg.progressive_size < image_size else ''} | "
               f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
 

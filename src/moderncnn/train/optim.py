@@ -7,7 +7,8 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "LRSchedule", "build_scheduler", "ema_warmup_fn"]
+__all__ = ["param_groups", "build_optimizer", "describe_optimizer", "Muon", "orthogonalize", "LRSchedule",
+           "build_scheduler", "ema_warmup_fn"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
@@ -30,17 +31,128 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    head_lr_mult: float = 1.0, head_names: Iterable[str] = ()) -> torch.optim.Optimizer:
+                    head_lr_mult: float = 1.0, head_names: Iterable[str] = (),
+                    muon_lr: float | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay, head_lr_mult, head_names)
     for g in groups:
         g["lr"] = lr * g["lr_mult"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if name == "muon":
+        return Muon(_split_filters(groups, muon_lr if muon_lr is not None else lr), lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def describe_optimizer(name: str, lr: float, momentum: float, muon_lr: float | None = None) -> str:
+    """``sgd lr 0.2 momentum 0.9``; under Muon both learning rates and which parameters take which."""
+    sgd = f"sgd lr {lr:g} momentum {momentum:g}"
+    if name == "sgd":
+        return sgd
+    if name == "muon":
+        return f"muon lr {muon_lr:g} (conv filters) + {sgd} (the rest)"
+    return f"{name} lr {lr:g}"
+
+
+def _split_filters(groups: List[dict], muon_lr: float) -> List[dict]:
+    """Move the convolution filters (4-D weights) of each group into a Muon group of their own."""
+    out = []
+    for g in groups:
+        filters = [p for p in g["params"] if p.ndim == 4]
+        rest = [p for p in g["params"] if p.ndim != 4]
+        if rest:
+            out.append({**g, "params": rest, "muon": False})
+        if filters:
+            out.append({**g, "params": filters, "muon": True, "lr": muon_lr * g["lr_mult"]})
+    return out
+
+
+# The quintic Newton-Schulz coefficients of Jordan et al. (2024): they push small singular values up
+# fast (slope 3.4 at zero) and leave every singular value within roughly [0.7, 1.2] after five steps.
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def _newton_schulz(x: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    """Newton-Schulz on a stack of matrices (batch, rows, cols), in float32; the short side iterates."""
+    a, b, c = _NS_COEFFICIENTS
+    x = x.float()
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:  # X X^T is then the smaller Gram matrix
+        x = x.mT
+    # Frobenius norm >= spectral norm, so every singular value starts in (0, 1]: the iteration's basin.
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+def orthogonalize(update, steps: int = 5, eps: float = 1e-7):
+    """An approximately orthogonal matrix with the singular vectors of ``update`` (``U V^T`` of its
+    SVD, singular values only roughly 1), by a quintic Newton-Schulz iteration on its 2-D view (filters:
+    output channels x inputs*kernel), in the input's shape and dtype. A list of same-shaped tensors is
+    done in one batched iteration and comes back as a list."""
+    tensors = list(update) if isinstance(update, (list, tuple)) else [update]
+    stacked = torch.stack([t.reshape(t.shape[0], -1) for t in tensors])
+    out = [o.reshape(t.shape).to(t.dtype) for o, t in zip(_newton_schulz(stacked, steps, eps), tensors)]
+    return out if isinstance(update, (list, tuple)) else out[0]
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024) for the
+    convolution filters, SGD with Nesterov momentum for every other parameter, in one optimizer (so one
+    schedule, one state dict and DDP all work as with SGD).
+
+    Groups flagged ``muon`` take the Nesterov-momentum update, orthogonalize it per filter bank
+    (``orthogonalize``), scale it by ``sqrt(max(1, out / in))`` so that tall and wide matrices move
+    alike, and apply weight decay decoupled (``p *= 1 - lr * wd``). Other groups are plain SGD
+    (``torch.optim.SGD``'s update with ``nesterov=True``, coupled weight decay). Orthogonal updates
+    change every direction of a filter bank at the same rate, where SGD's follow the gradient's few
+    dominant directions; the airbench CIFAR-10 speed runs reach the same accuracy in fewer steps with it.
+    """
+
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
+                 ns_steps: int = 5):
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"Muon needs lr > 0 and momentum in [0, 1), got {lr} and {momentum}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            filters = {}  # shape -> [(param, update)]: same-shaped filter banks are orthogonalized together
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if wd and not group["muon"]:
+                    grad = grad.add(p, alpha=wd)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(momentum).add_(grad)
+                update = grad.add(state["momentum_buffer"], alpha=momentum) if momentum else grad
+                if group["muon"]:
+                    filters.setdefault(tuple(p.shape), []).append((p, update))
+                else:
+                    p.add_(update, alpha=-lr)
+            for shape, pairs in filters.items():
+                rows, cols = shape[0], math.prod(shape[1:])
+                params, updates = zip(*pairs)
+                torch._foreach_mul_(list(params), 1 - lr * wd)
+                torch._foreach_add_(list(params), orthogonalize(list(updates), group["ns_steps"]),
+                                    alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        return loss
 
 
 class LRSchedule:
