@@ -106,8 +106,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # 0.09-0.25 points above the EMA 0.999 weights of the same run, in all four runs that had both.
     # Tried and not kept (README): crop2+altflip with label smoothing 0.2 88.98%, crop+altflip+erase 88.88%,
     # a wider k=32 2-4-8 net 89.02%, a two-conv full-resolution stem (stem_width=32, 28 epochs to fit) 89.15%.
-    "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=33,
-                    batch_size=128, optimizer="sgd", lr=0.2, schedule="onecycle", weight_decay=5e-4,
+    # Muon for the filters (SGD 0.2 for the rest): with the same 20-minute budget on one machine 84.11%
+    # against 81.93% for SGD alone; with an hour of a machine half as fast as the one above, 19 epochs, 89.08%.
+    "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=33, batch_size=128, optimizer="muon",
+                    muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
                     label_smoothing=0.1, augment="crop+altflip", tta=2, channels_last=True, ema=0.0,
                     progressive_size=24, progressive_fraction=0.7),
     # Fashion-MNIST, an hour of a 2-core CPU: the default network with the paper's 4k bottleneck and the
