@@ -7,6 +7,8 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
+from .config import MUON_LR
+
 __all__ = ["param_groups", "build_optimizer", "describe_optimizer", "Muon", "orthogonalize", "LRSchedule",
            "build_scheduler", "ema_warmup_fn"]
 
@@ -39,7 +41,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if name == "muon":
-        return Muon(_split_filters(groups, muon_lr if muon_lr is not None else lr), lr=lr, momentum=momentum)
+        return Muon(_split_filters(groups, MUON_LR if muon_lr is None else muon_lr), lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "adam":
@@ -114,7 +116,7 @@ class Muon(torch.optim.Optimizer):
     dominant directions; the airbench CIFAR-10 speed runs reach the same accuracy in fewer steps with it.
     """
 
-    def __init__(self, params, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float = MUON_LR, momentum: float = 0.9, weight_decay: float = 0.0,
                  ns_steps: int = 5):
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"Muon needs lr > 0 and momentum in [0, 1), got {lr} and {momentum}")
