@@ -305,6 +305,7 @@ def test_recipe_model_arguments_belong_to_the_recipes_model():
     recipe_kwargs = {"bn_size": 4, "stem_stride": 1, "stem_pool": True}
     best = resolve_config(TrainConfig(recipe="fmnist-best"))
     assert best.model == "densenet_bc_fmnist" and best.model_kwargs == recipe_kwargs
+    assert (best.optimizer, best.muon_lr, best.lr) == ("muon", 0.05, 0.2)
     mine = resolve_config(TrainConfig(recipe="fmnist-best", model_kwargs={"bn_size": 3, "drop_rate": 0.1}))
     assert mine.model_kwargs == {"bn_size": 3, "stem_stride": 1, "stem_pool": True, "drop_rate": 0.1}  # user's win
     other = resolve_config(TrainConfig(recipe="fmnist-best", model="resnet18"))
