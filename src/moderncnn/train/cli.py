@@ -6,7 +6,7 @@ import sys
 
 from ..cli import _EXTRA_COMMANDS
 from .budget import parse_budget
-from .config import recipe_names
+from .config import MUON_LR, OPTIMIZERS, recipe_names
 
 TRAIN_FLAGS = {  # flag -> TrainConfig field
     "model": "model", "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size",
@@ -38,10 +38,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes together)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (not rescaled for you)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam", "muon"], default=None,
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="muon: Muon for the conv filters, SGD (--lr) for the rest")
     p.add_argument("--muon-lr", type=float, default=None,
-                   help="peak learning rate of the conv filters under --optimizer muon (default 0.05)")
+                   help=f"peak learning rate of the conv filters under --optimizer muon (default {MUON_LR:g})")
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--schedule", choices=["cosine", "onecycle", "step", "constant"], default=None)
     p.add_argument("--warmup", type=float, default=None, help="warm-up length in epochs")

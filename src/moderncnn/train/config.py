@@ -84,6 +84,7 @@ BUDGET_MAX_EPOCHS = 10_000
 # Default learning rates per optimizer, for a batch of 128 (scaled linearly with batch size when the
 # learning rate is not given).
 BASE_LR = {"sgd": 0.1, "adamw": 2e-3, "adam": 1e-3, "muon": 0.1}
+OPTIMIZERS = tuple(BASE_LR)  # what --optimizer takes
 # The conv filters' default peak rate under Muon. CIFAR-10 probes (3 epochs, README): 0.02 < 0.05 = 0.1.
 MUON_LR = 0.05
 
@@ -209,8 +210,9 @@ def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> Train
 
 
 def _validate(cfg: TrainConfig) -> None:
-    if cfg.optimizer not in ("sgd", "adamw", "adam", "muon"):
-        raise ValueError(f"optimizer must be sgd, adamw, adam or muon, got {cfg.optimizer!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}, "
+                         f"got {cfg.optimizer!r}")
     if cfg.schedule not in ("cosine", "onecycle", "step", "constant"):
         raise ValueError(f"schedule must be cosine, onecycle, step or constant, got {cfg.schedule!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
