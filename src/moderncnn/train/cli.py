@@ -6,7 +6,7 @@ import sys
 
 from ..cli import _EXTRA_COMMANDS
 from .budget import parse_budget
-from .config import MUON_LR, OPTIMIZERS, recipe_names
+from .config import MUON_LR, OPTIMIZERS, SCHEDULES, recipe_names
 
 TRAIN_FLAGS = {  # flag -> TrainConfig field
     "model": "model", "dataset": "dataset", "data_dir": "data_dir", "image_size": "image_size",
@@ -43,7 +43,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--muon-lr", type=float, default=None,
                    help=f"peak learning rate of the conv filters under --optimizer muon (default {MUON_LR:g})")
     p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--schedule", choices=["cosine", "onecycle", "step", "constant"], default=None)
+    p.add_argument("--schedule", choices=SCHEDULES, default=None)
     p.add_argument("--warmup", type=float, default=None, help="warm-up length in epochs")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--label-smoothing", type=float, default=None)
