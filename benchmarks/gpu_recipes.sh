@@ -10,7 +10,9 @@
 #
 # Environment: TRAIN_SECONDS (default 300), DEVICE (cuda; "cpu" rehearses the script with SUBSET images
 # and no autocast), SUBSET (default: all), MAX_EPOCHS (default 100), BENCH (1: run the benchmark),
-# PYTHON (default python3), BATCH (default 512, the recipes').
+# HARD_LIMIT (seconds before a run is stopped; default 1.5 x TRAIN_SECONDS + 60), PROBE (1: first run benchmarks/gpu_probe.py, our step against torchvision's, ~1 minute),
+# RECIPES (default "cifar10-gpu fmnist-best-gpu"; several run side by side), FLAGS (more `train` flags for
+# every run, e.g. "--optimizer muon"), PYTHON (default python3), BATCH (default 512, the recipes').
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 DATA=${DATA:-.devdata}
@@ -21,6 +23,9 @@ MAX_EPOCHS=${MAX_EPOCHS:-100}
 BENCH=${BENCH:-1}
 PYTHON=${PYTHON:-python3}
 BATCH=${BATCH:-512}  # the recipes' batch; a CPU rehearsal needs a smaller one
+PROBE=${PROBE:-0}
+RECIPES=${RECIPES:-cifar10-gpu fmnist-best-gpu}
+read -r -a EXTRA_FLAGS <<< "${FLAGS:-}"
 RUNS=${RUNS:-/tmp/gpu-runs}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MODERNCNN_CACHE=${MODERNCNN_CACHE:-/tmp/moderncnn-cache}
@@ -32,38 +37,42 @@ echo "== $(date -u +%FT%TZ) $(hostname)"
 "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
+if [ "$PROBE" = 1 ]; then
+  echo "== $(date -u +%T) benchmarks/gpu_probe.py"
+  timeout 150 "$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --batch "$BATCH" --out "$OUT/gpu_probe.txt"
+fi
+
 mkdir -p /tmp/cifar10-jpg
 tar xzf "$DATA/cifar10-jpg.tar.gz" -C /tmp/cifar10-jpg || return 1
 CIFAR=/tmp/cifar10-jpg
 [ -d "$CIFAR/train" ] || CIFAR=$(dirname "$(find /tmp/cifar10-jpg -maxdepth 3 -type d -name train | head -1)")
 echo "CIFAR-10 JPEG copy at $CIFAR"
 
-AMP_FLAGS=()
-[ "$DEVICE" = cpu ] && AMP_FLAGS=(--no-amp)
-SUBSET_FLAGS=()
-[ -n "$SUBSET" ] && SUBSET_FLAGS=(--subset "$SUBSET")
-[ "$BATCH" != 512 ] && SUBSET_FLAGS+=(--batch-size "$BATCH")
+COMMON=(--budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --no-progress)
+[ "$DEVICE" = cpu ] && COMMON+=(--no-amp)
+[ -n "$SUBSET" ] && COMMON+=(--subset "$SUBSET")
+[ "$BATCH" != 512 ] && COMMON+=(--batch-size "$BATCH")
+COMMON+=("${EXTRA_FLAGS[@]}")
 
-# Each run plans its epochs to fill TRAIN_SECONDS (--budget: the schedule ends with the budget; both runs
-# measure their epochs while sharing the GPU, as they train). MAX_EPOCHS caps them.
-CMD_CIFAR=("$PYTHON" -m moderncnn train --recipe cifar10-gpu --dataset imagefolder --data-dir "$CIFAR"
-           --budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --name cifar10-gpu --no-progress
-           "${AMP_FLAGS[@]}" "${SUBSET_FLAGS[@]}")
-CMD_FMNIST=("$PYTHON" -m moderncnn train --recipe fmnist-best-gpu --data-dir "$DATA/fashion-mnist"
-            --budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --name fmnist-best-gpu --no-progress
-            "${AMP_FLAGS[@]}" "${SUBSET_FLAGS[@]}")
+# Each run plans its epochs to fill TRAIN_SECONDS (--budget: the schedule ends with the budget; runs side by
+# side measure their epochs while sharing the GPU, as they train). MAX_EPOCHS caps them.
+HARD_LIMIT=${HARD_LIMIT:-$((TRAIN_SECONDS * 3 / 2 + 60))}  # SIGTERM: the run saves last.pt and stops
 echo "== $(date -u +%T) training, side by side:"
-echo "   ${CMD_CIFAR[*]}"
-echo "   ${CMD_FMNIST[*]}"
-HARD_LIMIT=$((TRAIN_SECONDS * 3 / 2 + 60))  # SIGTERM: the run saves last.pt and stops
 start=$(date +%s)
-timeout "$HARD_LIMIT" "${CMD_CIFAR[@]}" > "$RUNS/cifar10-gpu.log" 2>&1 &
-timeout "$HARD_LIMIT" "${CMD_FMNIST[@]}" > "$RUNS/fmnist-best-gpu.log" 2>&1 &
+for recipe in $RECIPES; do
+  case $recipe in
+    cifar10*) DATA_FLAGS=(--dataset imagefolder --data-dir "$CIFAR") ;;
+    *) DATA_FLAGS=(--data-dir "$DATA/fashion-mnist") ;;
+  esac
+  cmd=("$PYTHON" -m moderncnn train --recipe "$recipe" "${DATA_FLAGS[@]}" --name "$recipe" "${COMMON[@]}")
+  echo "   ${cmd[*]}"
+  timeout "$HARD_LIMIT" "${cmd[@]}" > "$RUNS/$recipe.log" 2>&1 &
+done
 wait
-echo "== $(date -u +%T) both done in $(( $(date +%s) - start )) s"
-for run in cifar10-gpu fmnist-best-gpu; do
+echo "== $(date -u +%T) all done in $(( $(date +%s) - start )) s"
+for run in $RECIPES; do
   echo "--- $run"
-  grep -E "^(training|epoch|time budget|final|Traceback|.*Error)" "$RUNS/$run.log" | tail -n 25
+  grep -E "^(training|epoch|time budget|final|Traceback|.*Error)" "$RUNS/$run.log" | tail -n 60
   [ -d "$RUNS/$run" ] && cp "$RUNS/$run.log" "$RUNS/$run/train.log"
   [ -d "$RUNS/$run" ] && tar czf "$OUT/$run.tar.gz" -C "$RUNS" --exclude=last.pt "$run"
 done
