@@ -30,40 +30,9 @@ CONFIGS = [  # (label, implementation, channels_last, extra model kwargs)
 
 
 def step_rate(impl: str, channels_last: bool, kwargs: dict, device: str, batch: int, steps: int) -> float:
-    if not kwargs:
-        return measure(impl, "densenet_bc_100", "train", (3, 32, 32), batch, device, steps=steps, warmup=3,
-                       amp=device != "cpu", channels_last=channels_last, repeats=2)["images_per_second"]
-    # measure() builds the registered shape; other shapes are timed the same way here.
-    import time
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    model = create_model("densenet_bc_100", num_classes=10, **kwargs).to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    best = float("inf")
-    for _ in range(2):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return steps * batch / best
+    return measure(impl, "densenet_bc_100", "train", (3, 32, 32), batch, device, steps=steps, warmup=3,
+                   amp=device != "cpu", channels_last=channels_last, repeats=2,
+                   model_kwargs=kwargs)["images_per_second"]
 
 
 def kernel_table(impl: str, device: str, batch: int, rows: int = 15) -> str:

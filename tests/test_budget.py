@@ -78,6 +78,36 @@ def test_replanning_follows_the_times_then_only_shrinks():
     assert unmeasured.plan(1, 0.0) == 50 and unmeasured.plan(1, 0.0, current=7) == 7
 
 
+def test_a_cold_first_evaluation_does_not_shorten_the_plan():
+    """Replays an H100 Fashion-MNIST run (140 s budget, TTA level 2): its first evaluation took 3.5 s
+    (kernel search), the later ones 0.5 s; epochs took 15 s. Priced at 3.5 s per evaluation (and five more
+    for the TTA views) the plan after epoch 2 was 6 epochs, 103 s of the 140."""
+    def planner():
+        return EpochPlanner(140, max_epochs=100, full_side=28, train_images=60000, test_images=10000,
+                            final_views=6)
+    cold_as_warm = planner()
+    cold_as_warm.record_train(28, 15.0, 60000)
+    cold_as_warm.record_eval(3.5)
+    assert cold_as_warm.plan(2, 27.5 + 15.0 + 3.5, current=5) == 6
+    fixed = planner()
+    fixed.record_train(28, 15.0, 60000)
+    fixed.record_eval(3.5, warm=False)
+    estimate = 15.0 / 3 * 10000 / 60000  # a forward pass priced at a third of a training step
+    assert fixed.evaluation_seconds() == pytest.approx(estimate)
+    spent = 27.5 + 15.0 + estimate
+    assert fixed.plan(2, spent, current=5) == 7
+    fixed.record_eval(0.5)  # a warm evaluation replaces the estimate ...
+    assert fixed.evaluation_seconds() == pytest.approx(0.5)
+    fixed.record_eval(9.0, warm=False)  # ... and is not replaced by a cold one
+    assert fixed.evaluation_seconds() == pytest.approx(0.5)
+    assert fixed.plan(3, spent + 15.0 + 0.5, current=7) == 8  # 8 epochs end at ~136 s
+    # A cold evaluation faster than the estimate is believed.
+    quick = planner()
+    quick.record_train(28, 15.0, 60000)
+    quick.record_eval(0.3, warm=False)
+    assert quick.evaluation_seconds() == pytest.approx(0.3)
+
+
 def test_a_resumed_run_plans_from_its_history():
     planner = EpochPlanner(100, max_epochs=1000, full_side=32, train_images=1000, test_images=500)
     planner.record_history([

@@ -314,6 +314,9 @@ def test_recipe_model_arguments_belong_to_the_recipes_model():
     cifar = resolve_config(TrainConfig(recipe="cifar10"))
     assert cifar.model == "densenet_bc_cifar" and cifar.model_kwargs == {}
     assert (cifar.optimizer, cifar.muon_lr, cifar.lr) == ("muon", 0.05, 0.2)
+    gpu = resolve_config(TrainConfig(recipe="cifar10-gpu"))
+    assert (gpu.model, gpu.optimizer, gpu.muon_lr, gpu.lr, gpu.epochs) == ("densenet_bc_100", "muon", 0.05, 0.4, 25)
+    assert gpu.amp and gpu.channels_last and gpu.batch_size == 512
     # the registered default model has a 2k bottleneck; the recipe's 4k one has about twice the parameters
     small = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1)
     paper = moderncnn.create_model("densenet_bc_fmnist", num_classes=10, in_chans=1, bn_size=4)

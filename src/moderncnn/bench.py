@@ -47,11 +47,12 @@ def torchvision_counterpart(name: str, num_classes: int, in_chans: int, memory_e
     return model
 
 
-def _build(impl: str, name: str, num_classes: int, in_chans: int, memory_efficient: bool) -> nn.Module:
+def _build(impl: str, name: str, num_classes: int, in_chans: int, memory_efficient: bool,
+           model_kwargs: Optional[Dict] = None) -> nn.Module:
     if impl == "torchvision":
         return torchvision_counterpart(name, num_classes, in_chans, memory_efficient)
     from .models import create_model
-    kwargs = {"memory_efficient": True} if memory_efficient else {}
+    kwargs = dict(model_kwargs or {}, **({"memory_efficient": True} if memory_efficient else {}))
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
@@ -62,15 +63,18 @@ def _sync(device: torch.device) -> None:
 
 def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
             steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False,
-            repeats: int = 1) -> Dict:
-    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt".
+            repeats: int = 1, model_kwargs: Optional[Dict] = None) -> Dict:
+    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt";
+    ``model_kwargs`` reshape our network (e.g. ``growth_rate=16``).
 
     ``repeats`` rounds of ``steps`` timed steps; the fastest round counts (as timeit does: slower rounds
     measure other processes on a shared machine, not the code)."""
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes, as in training (which sets it too)
     torch.manual_seed(0)
     c = input_size[0]
-    model = _build(impl, name, 10, c, mode == "train_me").to(dev)
+    model = _build(impl, name, 10, c, mode == "train_me", model_kwargs).to(dev)
     x = torch.randn(batch, *input_size, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -6,6 +6,11 @@ schedule; a schedule that is planned to decay by the end of the budget is the be
 time (Li, Yumer & Ramanan, "Budgeted Training: Rethinking Deep Neural Network Training Under Resource
 Constraints", ICLR 2020). The plan is remade after a few steps of the first epoch and after every epoch,
 from the seconds per training image at each side trained so far and the seconds of one evaluation.
+
+One-time costs are kept out of the prices: on a GPU the first steps at a new image size and the first
+evaluation carry cuDNN's kernel search and the allocator's growth (an H100's first Fashion-MNIST epoch took
+27.5 s, the next ones 14-15 s; its first evaluation 3.5 s, the next ones 0.5 s). Priced at those, a 140 s
+budget was planned as 6 epochs and used 103 s of it.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ class EpochPlanner:
         self.train_images, self.test_images, self.final_views = train_images, test_images, final_views
         self.train_rate: Dict[int, float] = {}  # side -> seconds per training image, latest measurement
         self.eval_seconds: Optional[float] = None
+        self.eval_warm = False  # False while the only evaluation timed is the run's first
 
     @property
     def measured(self) -> bool:
@@ -67,19 +73,21 @@ class EpochPlanner:
         if images > 0 and seconds > 0:
             self.train_rate[int(side)] = seconds / images
 
-    def record_eval(self, seconds: float) -> None:
-        if seconds > 0:
-            self.eval_seconds = seconds
+    def record_eval(self, seconds: float, warm: bool = True) -> None:
+        """The seconds of one plain evaluation; ``warm=False`` for the process's first, which may carry
+        one-time costs and is then trusted only up to the estimate from the training rate."""
+        if seconds > 0 and (warm or not self.eval_warm):
+            self.eval_seconds, self.eval_warm = seconds, warm
 
     def record_history(self, history) -> None:
         """The times of finished epochs (rows of a checkpoint's history: seconds, images_per_second,
         train_images, train_size, tta)."""
-        for row in history:
+        for i, row in enumerate(history):
             if row.get("train_images") and row.get("images_per_second"):
                 train_time = row["train_images"] / row["images_per_second"]
                 self.record_train(int(row.get("train_size") or self.full_side), train_time, int(row["train_images"]))
                 if not row.get("tta"):  # a TTA evaluation costs several plain ones
-                    self.record_eval(row["seconds"] - train_time)
+                    self.record_eval(row["seconds"] - train_time, warm=i > 0)
 
     def side(self, epoch: int, epochs: int) -> int:
         return train_side(epoch, epochs, self.full_side, self.progressive_size, self.progressive_fraction)
@@ -91,10 +99,11 @@ class EpochPlanner:
         return self.train_rate[nearest] * (side / nearest) ** 2 * self.train_images
 
     def evaluation_seconds(self) -> float:
-        if self.eval_seconds is not None:
+        if self.eval_seconds is not None and self.eval_warm:
             return self.eval_seconds
-        # Not measured yet: a forward pass costs about a third of a training step (forward + backward).
-        return self.epoch_train_seconds(self.full_side) / 3 * self.test_images / max(1, self.train_images)
+        # Not measured warm yet: a forward pass costs about a third of a training step (forward + backward).
+        estimate = self.epoch_train_seconds(self.full_side) / 3 * self.test_images / max(1, self.train_images)
+        return estimate if self.eval_seconds is None else min(self.eval_seconds, estimate)
 
     def predicted_seconds(self, epochs: int, committed: int, spent: float) -> float:
         """Seconds at the end of a run of ``epochs`` epochs, ``committed`` of which are done or under way

@@ -127,15 +127,19 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                         optimizer="muon", muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
                         label_smoothing=0.1, augment="crop+flip+erase", tta=2, ema=0.0, channels_last=True),
     # The GPU recipes: DenseNet-BC (L=100, k=12) of the paper, bf16 autocast, channels-last, batch 512.
-    # Epochs as measured on one H100 (benchmarks/gpu_recipes.sh sized them to ~5 minutes with both runs
-    # sharing the GPU): cifar10-gpu 24 epochs -> 90.34% in 363 s. In eager mode this network is bound by kernel
-    # launches (~5,500 img/s alone on an H100), so longer runs are what the 94% goal needs.
-    "cifar10-gpu": dict(dataset="cifar10", model="densenet_bc_100", epochs=24, batch_size=512, optimizer="sgd",
-                        lr=0.4, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip",
-                        tta=2, amp=True, channels_last=True),
+    # Epochs as measured on one H100 (benchmarks/gpu_recipes.sh, sized to this project's 15 minutes of device
+    # time). cifar10-gpu: Muon for the filters, 25 epochs (what `--budget 370` planned), alone on the GPU:
+    # 90.99% in 352 s; SGD's 24 epochs, sharing the GPU, 90.34% in 363 s. Train accuracy ends at 98.7%: the
+    # 94% goal needs regularisation as much as epochs. The step is bound by memory traffic (concatenation and
+    # BatchNorm: 54% of the GPU time), not by kernel launches; torchvision's network runs at the same speed.
+    "cifar10-gpu": dict(dataset="cifar10", model="densenet_bc_100", epochs=25, batch_size=512, optimizer="muon",
+                        muon_lr=0.05, lr=0.4, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1,
+                        augment="crop+flip", tta=2, amp=True, channels_last=True),
     # EMA is off: at 0.999 over a 15-epoch run (1,755 steps) the average still held 17% of the initial
     # weights and scored 53.9% (train accuracy 95.1%); the CPU recipe's 15,000 steps do not have that problem.
-    # Without EMA, 12 epochs on one H100 (alone): 94.51% in 138 s.
+    # Without EMA, 12 epochs on one H100 (alone): 94.51% in 138 s. With Muon (`--optimizer muon --budget 140`,
+    # planned as 6 epochs before the planner stopped pricing evaluations at the cold first one): 94.15% in
+    # 103 s, no equal-time comparison yet, so the recipe stays on SGD.
     "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=12, batch_size=512, optimizer="sgd", lr=0.4,
                             schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip+erase",
                             tta=2, ema=0.0, amp=True, channels_last=True),

@@ -474,6 +474,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     train_seconds = sum(row["seconds"] for row in history)
     global_step = start_epoch * steps_per_epoch + start_step
     final_predictions = None
+    evaluations_timed = 0
 
     with _StopFlag() as stop:
         epoch = start_epoch - 1
@@ -501,6 +502,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
             timing_steps = {}  # step -> time: the first steps of an unmeasured budgeted run
+            warm_from = None  # (time, step) after the epoch's first two steps: where the planner's clock starts
             if planner is not None and not planner.measured:
                 timing_steps = {s: 0.0 for s in range(first_step + 1, min(first_step + 12, steps_per_epoch - 1))}
                 if len(timing_steps) < 2:
@@ -528,6 +530,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 if ema is not None:
                     ema.update_parameters(model)
                 global_step += 1
+                if planner is not None and step == first_step + 1:
+                    warm_from = (time.perf_counter(), step)
                 if step in timing_steps and not planner.measured:
                     # The first steps of a budgeted run time the epoch (after two warm-up steps), and the
                     # schedule is planned from them before the end of the first epoch.
@@ -577,7 +581,13 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             # Test-time augmentation costs a forward pass per view, so the epochs in between are scored on
             # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
             if planner is not None:  # plan again with this epoch's time (its evaluation as the last one's)
-                planner.record_train(side, train_time, int(seen.item()))
+                if warm_from is not None and step - warm_from[1] >= 2:
+                    # Priced from after its first two steps: on a GPU the first steps at a new size search
+                    # cuDNN's kernels, a one-time cost that would make every later epoch look slower.
+                    per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
+                    planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
+                else:
+                    planner.record_train(side, train_time, int(seen.item()))
                 planned = replan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(), planned)
             # Should the plan have been too long, the epoch that passes the budget is the last.
             budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
@@ -593,7 +603,9 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 test_loss, test_acc = evaluate(eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, info=info)
             seconds = time.perf_counter() - epoch_start + elapsed_before
             if planner is not None and not tta_level:
-                planner.record_eval(time.perf_counter() - eval_start)
+                # The first evaluation carries one-time costs (kernel search for the test batches).
+                planner.record_eval(time.perf_counter() - eval_start, warm=evaluations_timed > 0)
+                evaluations_timed += 1
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                    "images_per_second": seen.item() / max(train_time, 1e-9), "tta": tta_level,
