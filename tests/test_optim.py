@@ -37,6 +37,41 @@ def test_orthogonalize_a_list_in_one_batch_equals_one_by_one():
         torch.testing.assert_close(b, orthogonalize(f), atol=1e-5, rtol=1e-4)
 
 
+def test_orthogonalize_batches_different_widths_exactly():
+    """DenseNet's bottleneck banks share their output count, not their input width: one zero-padded batch
+    gives each the result of its own iteration, tall ones (more outputs than inputs) included."""
+    torch.manual_seed(0)
+    banks = [torch.randn(48, c, 1, 1) for c in (24, 36, 48, 120, 204)] + [torch.randn(48, 16, 3, 3)]
+    batched = orthogonalize(banks)
+    for b, f in zip(batched, banks):
+        assert b.shape == f.shape
+        torch.testing.assert_close(b, orthogonalize(f), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="one row count"):
+        orthogonalize([torch.randn(8, 4), torch.randn(6, 4)])
+
+
+def test_muon_steps_banks_of_one_output_width_as_if_alone():
+    """Convolutions with the same outputs and different inputs, stepped together (in batches of similar
+    widths), move exactly as each does in an optimizer of its own (tall ones scaled too)."""
+    from moderncnn.train.optim import _width_batches
+    torch.manual_seed(3)
+    weights = [torch.randn(32, 2, 1, 1), torch.randn(32, 3, 1, 1), torch.randn(32, 40, 1, 1), torch.randn(32, 64, 1, 1),
+               torch.randn(32, 16, 3, 3)]
+    widths = [[p.shape[1] * p.shape[2] * p.shape[3] for p, _ in b] for b in _width_batches([(w, None) for w in weights])]
+    assert widths == [[2, 3], [40, 64], [144]]
+    grads = [torch.randn_like(w) for w in weights]
+    together = [w.clone().requires_grad_() for w in weights]
+    opt = Muon([{"params": together, "muon": True}], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for p, g in zip(together, grads):
+        p.grad = g.clone()
+    opt.step()
+    for w, g, t in zip(weights, grads, together):
+        alone = w.clone().requires_grad_()
+        alone.grad = g.clone()
+        Muon([{"params": [alone], "muon": True}], lr=0.1, momentum=0.9, weight_decay=0.01).step()
+        torch.testing.assert_close(t, alone, atol=2e-6, rtol=1e-5)
+
+
 def _net():
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))

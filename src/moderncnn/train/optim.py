@@ -6,6 +6,7 @@ from typing import Iterable, List
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import MUON_LR
 
@@ -95,12 +96,41 @@ def _newton_schulz(x: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
 def orthogonalize(update, steps: int = 5, eps: float = 1e-7):
     """An approximately orthogonal matrix with the singular vectors of ``update`` (``U V^T`` of its
     SVD, singular values only roughly 1), by a quintic Newton-Schulz iteration on its 2-D view (filters:
-    output channels x inputs*kernel), in the input's shape and dtype. A list of same-shaped tensors is
-    done in one batched iteration and comes back as a list."""
+    output channels x inputs*kernel), in the input's shape and dtype.
+
+    A list of tensors with the same first dimension is done in one batched iteration and comes back as a
+    list: the 2-D views of narrower ones are padded with zero columns to the widest. Zero columns change
+    neither the Frobenius norm nor ``X X^T``, so every product of the iteration keeps them zero and the
+    other columns equal to the unpadded iteration's: one batch per output width instead of one per
+    shape (DenseNet's bottleneck convolutions all have ``bn_size * k`` outputs but a different input
+    width each).
+    """
     tensors = list(update) if isinstance(update, (list, tuple)) else [update]
-    stacked = torch.stack([t.reshape(t.shape[0], -1) for t in tensors])
-    out = [o.reshape(t.shape).to(t.dtype) for o, t in zip(_newton_schulz(stacked, steps, eps), tensors)]
+    views = [t.reshape(t.shape[0], -1) for t in tensors]
+    if len({v.shape[0] for v in views}) > 1:
+        raise ValueError(f"orthogonalize batches matrices with one row count, got {[tuple(v.shape) for v in views]}")
+    width = max(v.shape[1] for v in views)
+    stacked = torch.stack([F.pad(v, (0, width - v.shape[1])) for v in views])
+    out = [o[:, :v.shape[1]].reshape(t.shape).to(t.dtype)
+           for o, v, t in zip(_newton_schulz(stacked, steps, eps), views, tensors)]
     return out if isinstance(update, (list, tuple)) else out[0]
+
+
+def _cols(p: torch.Tensor) -> int:
+    return math.prod(p.shape[1:])
+
+
+def _width_batches(pairs: list, max_padding: float = 2.0) -> List[list]:
+    """(param, update) pairs of one output width in batches whose widest member is at most ``max_padding``
+    times the narrowest: a few batched iterations instead of one per shape (on a GPU each iteration is a
+    handful of small kernels), and zero padding at most doubles a member's products (which matter on a CPU)."""
+    batches: List[list] = []
+    for pair in sorted(pairs, key=lambda pair: _cols(pair[0])):
+        if batches and _cols(pair[0]) <= max_padding * _cols(batches[-1][0][0]):
+            batches[-1].append(pair)
+        else:
+            batches.append([pair])
+    return batches
 
 
 class Muon(torch.optim.Optimizer):
@@ -131,7 +161,7 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            filters = {}  # shape -> [(param, update)]: same-shaped filter banks are orthogonalized together
+            filters = {}  # output channels -> [(param, update)]: orthogonalized in one batch (see orthogonalize)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -145,15 +175,17 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"].mul_(momentum).add_(grad)
                 update = grad.add(state["momentum_buffer"], alpha=momentum) if momentum else grad
                 if group["muon"]:
-                    filters.setdefault(tuple(p.shape), []).append((p, update))
+                    filters.setdefault(p.shape[0], []).append((p, update))
                 else:
                     p.add_(update, alpha=-lr)
-            for shape, pairs in filters.items():
-                rows, cols = shape[0], math.prod(shape[1:])
-                params, updates = zip(*pairs)
-                torch._foreach_mul_(list(params), 1 - lr * wd)
-                torch._foreach_add_(list(params), orthogonalize(list(updates), group["ns_steps"]),
-                                    alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            for rows, pairs in filters.items():
+                for batch in _width_batches(pairs):
+                    params, updates = (list(t) for t in zip(*batch))
+                    steps = orthogonalize(updates, group["ns_steps"])
+                    # tall banks (more outputs than inputs) move as far as wide ones: sqrt(max(1, out / in))
+                    torch._foreach_mul_(steps, [-lr * max(1.0, rows / _cols(p)) ** 0.5 for p in params])
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                    torch._foreach_add_(params, steps)
         return loss
 
 
