@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from moderncnn.bench import measure, torchvision_counterpart  # noqa: E402
-from moderncnn.models import create_model  # noqa: E402
+from moderncnn.bench import make_step, measure  # noqa: E402
 
 CONFIGS = [  # (label, implementation, channels_last, extra model kwargs)
     ("moderncnn, channels-last", "moderncnn", True, {}),
@@ -37,29 +35,17 @@ def step_rate(impl: str, channels_last: bool, kwargs: dict, device: str, batch: 
 
 def kernel_table(impl: str, device: str, batch: int, rows: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
-    dev = torch.device(device)
-    model = (create_model("densenet_bc_100", num_classes=10) if impl == "moderncnn"
-             else torchvision_counterpart("densenet_bc_100", 10, 3)).to(dev).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = make_step(impl, "densenet_bc_100", "train", (3, 32, 32), batch, device, amp=device != "cpu",
+                     channels_last=True)
     for _ in range(3):
         step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
             step()
-        if dev.type == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 

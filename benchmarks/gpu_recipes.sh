@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU recipes (cifar10-gpu, fmnist-best-gpu) side by side on one GPU, then `moderncnn bench` on it.
+# The GPU recipes (cifar10-gpu, fmnist-best-gpu, or those in RECIPES) side by side on one GPU, then
+# `moderncnn bench` on it (and, with PROBE=1, benchmarks/gpu_probe.py before them).
 #
 # Each run gets TRAIN_SECONDS of training and evaluation (--budget plans its epochs from measured times);
 # the exact training commands are printed. Everything lands in $OUT:
@@ -42,11 +43,13 @@ if [ "$PROBE" = 1 ]; then
   timeout 150 "$PYTHON" benchmarks/gpu_probe.py --device "$DEVICE" --batch "$BATCH" --out "$OUT/gpu_probe.txt"
 fi
 
-mkdir -p /tmp/cifar10-jpg
-tar xzf "$DATA/cifar10-jpg.tar.gz" -C /tmp/cifar10-jpg || return 1
 CIFAR=/tmp/cifar10-jpg
-[ -d "$CIFAR/train" ] || CIFAR=$(dirname "$(find /tmp/cifar10-jpg -maxdepth 3 -type d -name train | head -1)")
-echo "CIFAR-10 JPEG copy at $CIFAR"
+if [[ " $RECIPES" == *" cifar10"* ]]; then  # the JPEG copy, extracted only for a CIFAR-10 run
+  mkdir -p "$CIFAR"
+  tar xzf "$DATA/cifar10-jpg.tar.gz" -C "$CIFAR" || return 1
+  [ -d "$CIFAR/train" ] || CIFAR=$(dirname "$(find /tmp/cifar10-jpg -maxdepth 3 -type d -name train | head -1)")
+  echo "CIFAR-10 JPEG copy at $CIFAR"
+fi
 
 COMMON=(--budget "$TRAIN_SECONDS" --epochs "$MAX_EPOCHS" --device "$DEVICE" --out "$RUNS" --no-progress)
 [ "$DEVICE" = cpu ] && COMMON+=(--no-amp)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .cli import _EXTRA_COMMANDS, _parse_size
 
-__all__ = ["run_benchmark", "torchvision_counterpart", "measure"]
+__all__ = ["run_benchmark", "torchvision_counterpart", "make_step", "measure"]
 
 
 def torchvision_counterpart(name: str, num_classes: int, in_chans: int, memory_efficient: bool = False) -> nn.Module:
@@ -61,14 +61,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
-            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False,
-            repeats: int = 1, model_kwargs: Optional[Dict] = None) -> Dict:
-    """One configuration: ``mode`` is "train", "train_me" (memory-efficient), "eval" or "eval_opt";
-    ``model_kwargs`` reshape our network (e.g. ``growth_rate=16``).
-
-    ``repeats`` rounds of ``steps`` timed steps; the fastest round counts (as timeit does: slower rounds
-    measure other processes on a shared machine, not the code)."""
+def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
+              amp: bool = False, channels_last: bool = False, model_kwargs: Optional[Dict] = None):
+    """One step of a configuration as a function: ``mode`` is "train" (SGD), "train_me" (memory-efficient),
+    "eval" or "eval_opt" (:func:`optimize_for_inference`); ``model_kwargs`` reshape our network (e.g.
+    ``growth_rate=16``). Random inputs, seeded."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in training (which sets it too)
@@ -82,8 +79,6 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=fmt)
     amp_ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else (lambda: torch.autocast(dev.type, enabled=False))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     if mode.startswith("train"):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -103,6 +98,20 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
         def step():
             with torch.inference_mode(), amp_ctx():
                 model(x)
+    return step
+
+
+def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
+            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False,
+            repeats: int = 1, model_kwargs: Optional[Dict] = None) -> Dict:
+    """One configuration (see :func:`make_step`), timed.
+
+    ``repeats`` rounds of ``steps`` timed steps; the fastest round counts (as timeit does: slower rounds
+    measure other processes on a shared machine, not the code)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    step = make_step(impl, name, mode, input_size, batch, device, amp, channels_last, model_kwargs)
     for _ in range(warmup):
         step()
     _sync(dev)

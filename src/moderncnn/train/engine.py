@@ -501,12 +501,14 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{planned}",
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
-            timing_steps = {}  # step -> time: the first steps of an unmeasured budgeted run
-            warm_from = None  # (time, step) after the epoch's first two steps: where the planner's clock starts
+            # A budgeted run's clock starts after the epoch's first two steps (on a GPU the first steps at a
+            # new size search cuDNN's kernels, a one-time cost that would make every later epoch look slower).
+            warm_from = None  # (time, step) where it started
+            early_plan_step = None  # an unmeasured run plans from its first ten timed steps, mid-epoch
             if planner is not None and not planner.measured:
-                timing_steps = {s: 0.0 for s in range(first_step + 1, min(first_step + 12, steps_per_epoch - 1))}
-                if len(timing_steps) < 2:
-                    timing_steps = {}
+                early_plan_step = min(first_step + 11, steps_per_epoch - 2)
+                if early_plan_step <= first_step + 1:  # too short an epoch: plan at its end
+                    early_plan_step = None
             for step, (x, y) in enumerate(batches, start=first_step):
                 if side != image_size:  # progressive resizing: the augmented batch, shrunk
                     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -532,18 +534,13 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 global_step += 1
                 if planner is not None and step == first_step + 1:
                     warm_from = (time.perf_counter(), step)
-                if step in timing_steps and not planner.measured:
-                    # The first steps of a budgeted run time the epoch (after two warm-up steps), and the
-                    # schedule is planned from them before the end of the first epoch.
-                    timing_steps[step] = time.perf_counter()
-                    if step == max(timing_steps):
-                        first, last = min(timing_steps), max(timing_steps)
-                        planner.record_train(side, (timing_steps[last] - timing_steps[first]) * steps_per_epoch
-                                             / (last - first), len(train_set))
-                        planned = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
-                                         + planner.evaluation_seconds())
-                        if bar is not None:
-                            bar.set_description(f"epoch {epoch + 1}/{planned}")
+                if step == early_plan_step:
+                    per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
+                    planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
+                    planned = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
+                                     + planner.evaluation_seconds())
+                    if bar is not None:
+                        bar.set_description(f"epoch {epoch + 1}/{planned}")
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 seen += y.numel()
@@ -582,8 +579,6 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
             if planner is not None:  # plan again with this epoch's time (its evaluation as the last one's)
                 if warm_from is not None and step - warm_from[1] >= 2:
-                    # Priced from after its first two steps: on a GPU the first steps at a new size search
-                    # cuDNN's kernels, a one-time cost that would make every later epoch look slower.
                     per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
                     planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
                 else:
