@@ -224,6 +224,25 @@ def test_densenet_variant_shape_is_overridable():
     assert model.num_features == 30 and model.classifier.in_features == 30
 
 
+@pytest.mark.parametrize("csp", [None, 0.5])
+def test_densenet_growth_rate_per_block(csp):
+    model = create_model("densenet_bc_fmnist", num_classes=10, growth_rate=(4, 8), block_config=(2, 3),
+                         num_init_features=12, bn_size=2, cross_stage_partial=csp)
+    layers = [m for m in model.modules() if type(m).__name__ == "DenseLayer"]
+    assert [layer.conv2.out_channels for layer in layers] == [4, 4, 8, 8, 8]
+    assert [layer.conv1.out_channels for layer in layers] == [8, 8, 16, 16, 16]  # bottleneck bn_size * k
+    if csp is None:  # 12 + 2*4 = 20 -> transition 10 -> 10 + 3*8 = 34 features
+        assert model.num_features == 34
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    same = create_model("densenet_bc_fmnist", num_classes=10, growth_rate=(16, 16, 16))
+    assert same.state_dict().keys() == create_model("densenet_bc_fmnist", num_classes=10).state_dict().keys()
+    assert [p.shape for p in same.parameters()] == \
+        [p.shape for p in create_model("densenet_bc_fmnist", num_classes=10).parameters()]
+    for bad in [(4,), (4, 8, 16), (4, 0), (4, 2.5)]:
+        with pytest.raises(ValueError, match="one per block"):
+            create_model("densenet_bc_fmnist", num_classes=10, growth_rate=bad, block_config=(2, 3))
+
+
 def test_densenet_bc_cifar_shape():
     model = create_model("densenet_bc_cifar", num_classes=10)
     blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]

@@ -285,7 +285,8 @@ class DenseNet(ImageClassifier):
     """DenseNet with torchvision's module names (``features.denseblock1.denselayer1.conv1`` ...).
 
     Args:
-        growth_rate: channels each layer adds (k).
+        growth_rate: channels each layer adds (k); a sequence gives each block its own (e.g. ``(16, 32, 64)``,
+            the growth that doubles as the resolution halves of CondenseNet, Huang et al. 2018).
         block_config: layers per dense block.
         num_init_features: channels after the stem.
         bn_size: bottleneck width factor (the "B" of -BC); 0 for no bottleneck.
@@ -304,7 +305,7 @@ class DenseNet(ImageClassifier):
             both (CSPDenseNet); the last block gets a 1x1 fusion without pooling.
     """
 
-    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+    def __init__(self, growth_rate: int | Sequence[int] = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5,
                  drop_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
                  memory_efficient: bool = False, small_input: bool = False, stem_stride: int = 1,
@@ -314,6 +315,7 @@ class DenseNet(ImageClassifier):
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if stem_width and not small_input:
             raise ValueError("stem_width adds a conv to the small-input stem; it needs small_input=True")
+        growth_rates = _per_block(growth_rate, len(block_config))
         steps = stem_steps(small_input, stem_stride, stem_pool, stem_width)
         steps += [(2, 2, 0, False)] * (len(block_config) - 1)
         super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
@@ -323,18 +325,18 @@ class DenseNet(ImageClassifier):
                                        stem_width):
             self.features.add_module(name, module)
         channels = num_init_features
-        for i, num_layers in enumerate(block_config):
+        for i, (num_layers, growth) in enumerate(zip(block_config, growth_rates)):
             last = i == len(block_config) - 1
             if cross_stage_partial is not None:
                 part = int(channels * cross_stage_partial)
-                block = DenseBlock(num_layers, part, growth_rate, bn_size, drop_rate, memory_efficient, bias)
-                channels += num_layers * growth_rate
+                block = DenseBlock(num_layers, part, growth, bn_size, drop_rate, memory_efficient, bias)
+                channels += num_layers * growth
                 out = channels if last else int(math.floor(channels * compression))
                 fuse = Transition(channels, out, bias, pool=not last)
                 self.features.add_module(f"cspblock{i + 1}", CSPStage(part, block, fuse))
                 channels = out
                 continue
-            block = DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient, bias)
+            block = DenseBlock(num_layers, channels, growth, bn_size, drop_rate, memory_efficient, bias)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.num_output_features
             if not last:
@@ -376,6 +378,15 @@ class DenseNet(ImageClassifier):
         out = F.relu(self.features(x), inplace=True)
         out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
         return self.classifier(out)
+
+
+def _per_block(growth_rate, num_blocks: int) -> tuple:
+    """One growth rate per block from an int (the same for all) or a sequence of ``num_blocks`` ints."""
+    rates = (growth_rate,) * num_blocks if isinstance(growth_rate, int) else tuple(growth_rate)
+    if len(rates) != num_blocks or not all(isinstance(k, int) and k > 0 for k in rates):
+        raise ValueError(f"growth_rate must be a positive int or {num_blocks} positive ints (one per block), "
+                         f"got {growth_rate!r}")
+    return rates
 
 
 def _densenet(growth_rate: int, block_config, num_init_features: int, num_classes: int, in_chans: int, /,
