@@ -38,6 +38,18 @@ def test_plan_fills_the_budget_with_whole_epochs():
     assert _planner(100).plan(3, 150.0) == 3
 
 
+def test_plan_counts_steps_so_the_last_epoch_may_be_partial():
+    planner = _planner(95, steps_per_epoch=10)
+    # 9 whole epochs end at 90 s; four tenths of a 10th epoch (3.6 s) and its evaluation end at 94.6 s.
+    assert planner.plan(1, 10.0) == 94
+    assert planner.epochs(94) == 10 and planner.last_epoch_steps(94) == 4 and planner.last_epoch_steps(90) == 10
+    assert planner.predicted_seconds(94, 1, 10.0) == pytest.approx(94.6)
+    assert _planner(100, steps_per_epoch=10).plan(1, 10.0) == 100  # whole epochs where they fit exactly
+    assert _planner(100, steps_per_epoch=10).plan(3, 150.0) == 30  # over the budget: the committed epochs
+    # In the second half a plan within a quarter epoch of the budget is kept, in steps.
+    assert planner.plan(6, 60.0, current=94) == 94
+
+
 def test_tta_view_counts_match_the_views_evaluated():
     from moderncnn.train.engine import tta_views
     for level, views in TTA_VIEWS.items():
@@ -161,6 +173,19 @@ def test_a_spent_budget_ends_the_schedule_in_the_epoch_it_plans(data_dir, tmp_pa
     assert "time budget 0s" in (tmp_path / "b" / "report.md").read_text()
     # Each epoch's training images are recorded, so a resumed budgeted run can plan from its history.
     assert load_checkpoint(tmp_path / "b" / "last.pt")["history"][0]["train_images"] == 128
+
+
+def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_path, capsys, monkeypatch):
+    # The plan is whatever the planner says (times vary): one and a half epochs of 4 steps.
+    monkeypatch.setattr(EpochPlanner, "plan", lambda self, committed, spent, current=None: 6)
+    result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=3, budget=60,
+                   batch_size=32, lr=0.1, out=str(tmp_path), name="p", progress=False)
+    out = capsys.readouterr().out
+    assert [r["train_images"] for r in result.history] == [128, 64]
+    assert result.history[-1]["lr"] == pytest.approx(0.1 * 1e-3)  # the schedule ended with the plan
+    assert "epoch   2/2" in out and "(50% of the training set)" in out and "used by 1.50 epochs" in out
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["epochs_done"] == 2
+    assert load_checkpoint(tmp_path / "p" / "last.pt")["scheduler"]["last_epoch"] == 6
 
 
 def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):

@@ -283,9 +283,9 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         cleanup_distributed()
 
 
-def _agree(planned_epochs: int, info: DistInfo) -> int:
-    """Rank 0's plan for every rank: each measures its own times, but all must run the same epochs."""
-    return int(broadcast_object(int(planned_epochs), info))
+def _agree(planned_steps: int, info: DistInfo) -> int:
+    """Rank 0's plan for every rank: each measures its own times, but all must run the same steps."""
+    return int(broadcast_object(int(planned_steps), info))
 
 
 def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResult:
@@ -416,21 +416,25 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             run_dir.mkdir(parents=True, exist_ok=True)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"{run_dir} already finished {start_epoch} epochs; pass a larger --epochs to continue")
-    # A time budget plans the number of epochs (at most cfg.epochs) from measured times; the schedule and
-    # progressive resizing follow the plan (see budget.py). Without one, the plan is cfg.epochs.
-    planner, planned = None, cfg.epochs
+    # A time budget plans the number of steps (at most cfg.epochs epochs) from measured times; the schedule
+    # and progressive resizing follow the plan, whose last epoch may be partial (see budget.py). Without
+    # one, the plan is cfg.epochs whole epochs.
+    planner, planned_steps = None, cfg.epochs * steps_per_epoch
 
     def replan(committed: int, spent: float, current: Optional[int] = None) -> int:
         new_plan = _agree(planner.plan(committed, spent, current), info)
-        scheduler.lr_lambdas[0].total = new_plan * steps_per_epoch
+        scheduler.lr_lambdas[0].total = new_plan
         return new_plan
+
+    def planned_epochs() -> int:
+        return -(-planned_steps // steps_per_epoch)
 
     if cfg.budget:
         planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction,
                                train_images=len(train_set), test_images=len(test_set),
-                               final_views=TTA_VIEWS[int(cfg.tta or 0)])
+                               final_views=TTA_VIEWS[int(cfg.tta or 0)], steps_per_epoch=steps_per_epoch)
         planner.record_history(history)  # a resumed run plans from the epochs it has done
-        planned = replan(start_epoch + 1, sum(r["seconds"] for r in history))
+        planned_steps = replan(start_epoch + 1, sum(r["seconds"] for r in history))
 
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
@@ -478,12 +482,12 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
 
     with _StopFlag() as stop:
         epoch = start_epoch - 1
-        while epoch + 1 < planned:
+        while epoch + 1 < planned_epochs():
             epoch += 1
             net.train()
             keep_frozen_norms_in_eval(model)
             epoch_start = time.perf_counter()
-            side = train_side(epoch, planned, image_size, cfg.progressive_size, cfg.progressive_fraction)
+            side = train_side(epoch, planned_epochs(), image_size, cfg.progressive_size, cfg.progressive_fraction)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             seen = torch.zeros((), dtype=torch.int64, device=device)
@@ -498,7 +502,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             bar = None
             if show_bar:
                 from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{planned}",
+                bar = tqdm(total=min(steps_per_epoch, planned_steps - epoch * steps_per_epoch), initial=first_step,
+                           desc=f"epoch {epoch + 1}/{planned_epochs()}",
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
             # A budgeted run's clock starts after the epoch's first two steps (on a GPU the first steps at a
@@ -509,7 +514,10 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 early_plan_step = min(first_step + 11, steps_per_epoch - 2)
                 if early_plan_step <= first_step + 1:  # too short an epoch: plan at its end
                     early_plan_step = None
+            last_step = first_step - 1  # the last step taken in this epoch
             for step, (x, y) in enumerate(batches, start=first_step):
+                if step >= planned_steps - epoch * steps_per_epoch:  # a budget's last epoch may be partial
+                    break
                 if side != image_size:  # progressive resizing: the augmented batch, shrunk
                     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -532,15 +540,17 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                 if ema is not None:
                     ema.update_parameters(model)
                 global_step += 1
+                last_step = step
                 if planner is not None and step == first_step + 1:
                     warm_from = (time.perf_counter(), step)
                 if step == early_plan_step:
                     per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
                     planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
-                    planned = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
-                                     + planner.evaluation_seconds())
+                    planned_steps = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
+                                           + planner.evaluation_seconds())
                     if bar is not None:
-                        bar.set_description(f"epoch {epoch + 1}/{planned}")
+                        bar.set_description(f"epoch {epoch + 1}/{planned_epochs()}")
+                        bar.total = min(steps_per_epoch, planned_steps - epoch * steps_per_epoch)
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 seen += y.numel()
@@ -578,17 +588,18 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             # Test-time augmentation costs a forward pass per view, so the epochs in between are scored on
             # the plain images and only the last one (the reported final accuracy) with ``cfg.tta``.
             if planner is not None:  # plan again with this epoch's time (its evaluation as the last one's)
-                if warm_from is not None and step - warm_from[1] >= 2:
-                    per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
+                if warm_from is not None and last_step - warm_from[1] >= 2:
+                    per_step = (time.perf_counter() - warm_from[0]) / (last_step - warm_from[1])
                     planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
                 else:
                     planner.record_train(side, train_time, int(seen.item()))
-                planned = replan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(), planned)
+                planned_steps = replan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(),
+                                       planned_steps)
             # Should the plan have been too long, the epoch that passes the budget is the last.
             budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
                                         device=device)
             all_reduce_sum(budget_spent, info)  # every rank stops after the same epoch
-            last_epoch = epoch + 1 >= planned or budget_spent.item() > 0
+            last_epoch = epoch + 1 >= planned_epochs() or budget_spent.item() > 0
             eval_start = time.perf_counter()
             tta_level = int(cfg.tta or 0) if last_epoch else 0
             if last_epoch and main and not info.enabled:  # keep the predictions for the report
@@ -619,13 +630,16 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     if ema is not None:
                         best["model"] = ema.module.state_dict()
                     save_checkpoint(best, run_dir / "best.pt")
-                print(f"epoch {epoch + 1:3d}/{planned}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                fraction = (last_step + 1) / steps_per_epoch  # below 1 for a budget's partial last epoch
+                print(f"epoch {epoch + 1:3d}/{planned_epochs()}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
                       f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s"
-                      f"{f'  (trained at {side}x{side})' if side != image_size else ''}", flush=True)
+                      f"{f'  (trained at {side}x{side})' if side != image_size else ''}"
+                      f"{f'  ({fraction:.0%} of the training set)' if fraction < 1 else ''}", flush=True)
             if last_epoch and cfg.budget:
                 if main:
-                    print(f"time budget of {cfg.budget:.0f}s: {train_seconds:.0f}s used by {epoch + 1} "
+                    done = f"{epoch + fraction:.2f}" if fraction < 1 else f"{epoch + 1}"
+                    print(f"time budget of {cfg.budget:.0f}s: {train_seconds:.0f}s used by {done} "
                           f"epoch{'s' if epoch else ''}; stopping", flush=True)
                 break
 
