@@ -186,6 +186,9 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
     assert "epoch   2/2" in out and "(50% of the training set)" in out and "used by 1.50 epochs" in out
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["epochs_done"] == 2
     assert load_checkpoint(tmp_path / "p" / "last.pt")["scheduler"]["last_epoch"] == 6
+    rows = (tmp_path / "p" / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",train_images") and rows[1].endswith(",128") and rows[2].endswith(",64")
+    assert "1.50 epochs (the last on 64 of 128 training images)" in (tmp_path / "p" / "report.md").read_text()
 
 
 def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):

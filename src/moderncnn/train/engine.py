@@ -45,7 +45,7 @@ __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLo
 # ``tta``: the test-time augmentation level the epoch's test figures used (the last epoch's only, see _train).
 # ``train_size``: the side the epoch trained at (below the full size under progressive resizing).
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second",
-                 "tta", "train_size"]
+                 "tta", "train_size", "train_images"]
 
 
 class TrainingInterrupted(Exception):
