@@ -189,6 +189,10 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
     rows = (tmp_path / "p" / "metrics.csv").read_text().splitlines()
     assert rows[0].endswith(",train_images") and rows[1].endswith(",128") and rows[2].endswith(",64")
     assert "1.50 epochs (the last on 64 of 128 training images)" in (tmp_path / "p" / "report.md").read_text()
+    from moderncnn.report.run import _epochs_words
+    # Whole epochs that drop a last short batch (59,904 of 60,000 images) are whole epochs.
+    assert _epochs_words([{"train_images": 59904.0}] * 4) == "4 epochs"
+    assert _epochs_words([{"train_images": 59904.0}]) == "1 epoch"
 
 
 def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):

@@ -45,13 +45,14 @@ def _budget_words(cfg, epochs_done: int) -> str:
             f"that the schedule ends with the budget)")
 
 
-def _epochs_words(history, train_images) -> str:
+def _epochs_words(history) -> str:
     """'4 epochs', or '4.62 epochs (the last on 31,000 of 50,000 training images)' after a time budget's
-    partial last epoch."""
+    partial last epoch (measured against the epochs before it, which may drop a last short batch)."""
     last = history[-1].get("train_images") if history else None
+    train_images = max((r.get("train_images") or 0) for r in history[:-1]) if len(history) > 1 else 0
     if not (train_images and last and last < train_images):
         return f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
-    return (f"{len(history) - 1 + last / train_images:.2f} epochs (the last on {last:,.0f} of {train_images:,} "
+    return (f"{len(history) - 1 + last / train_images:.2f} epochs (the last on {last:,.0f} of {train_images:,.0f} "
             f"training images)")
 
 
@@ -86,7 +87,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"# {cfg['model']} on {cfg['dataset']}",
         "",
         f"**Final test accuracy {final['test_acc']:.4f}** (best {best['test_acc']:.4f} at epoch {best['epoch']}), "
-        f"{_epochs_words(history, info.get('train_images'))} in {total / 60:.1f} min on {versions.get('device', '?')} "
+        f"{_epochs_words(history)} in {total / 60:.1f} min on {versions.get('device', '?')} "
         f"({versions.get('device_name', '')}, {versions.get('threads', '?')} threads).",
         "",
         "| | |",
