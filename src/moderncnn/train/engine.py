@@ -429,6 +429,9 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     def planned_epochs() -> int:
         return -(-planned_steps // steps_per_epoch)
 
+    def planned_steps_in(epoch: int) -> int:  # below steps_per_epoch for a budget's partial last epoch
+        return min(steps_per_epoch, planned_steps - epoch * steps_per_epoch)
+
     if cfg.budget:
         planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction,
                                train_images=len(train_set), test_images=len(test_set),
@@ -502,7 +505,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             bar = None
             if show_bar:
                 from tqdm import tqdm
-                bar = tqdm(total=min(steps_per_epoch, planned_steps - epoch * steps_per_epoch), initial=first_step,
+                bar = tqdm(total=planned_steps_in(epoch), initial=first_step,
                            desc=f"epoch {epoch + 1}/{planned_epochs()}",
                            unit="batch", leave=False, dynamic_ncols=True)
             unchecked = None  # on CUDA: (loss, where) of the step whose finiteness is not yet checked
@@ -516,7 +519,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     early_plan_step = None
             last_step = first_step - 1  # the last step taken in this epoch
             for step, (x, y) in enumerate(batches, start=first_step):
-                if step >= planned_steps - epoch * steps_per_epoch:  # a budget's last epoch may be partial
+                if step >= planned_steps_in(epoch):
                     break
                 if side != image_size:  # progressive resizing: the augmented batch, shrunk
                     x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
@@ -550,7 +553,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                                            + planner.evaluation_seconds())
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{planned_epochs()}")
-                        bar.total = min(steps_per_epoch, planned_steps - epoch * steps_per_epoch)
+                        bar.total = planned_steps_in(epoch)
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.argmax(1) == y).sum()
                 seen += y.numel()
