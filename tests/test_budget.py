@@ -50,6 +50,21 @@ def test_plan_counts_steps_so_the_last_epoch_may_be_partial():
     assert planner.plan(6, 60.0, current=94) == 94
 
 
+def test_plan_prices_only_the_evaluations_eval_every_runs():
+    # 9 s epochs, 1 s evaluations, the first epoch spent 10 s. Scoring every 3rd epoch and the last, 10
+    # epochs end at 95 s (evaluations after epochs 3, 6, 9 and 10), 11 at 104 s: 10 fit in 100 s.
+    assert _planner(100, eval_every=3).plan(1, 10.0) == 10
+    assert _planner(100, eval_every=3).predicted_seconds(10, 1, 10.0) == pytest.approx(10 + 9 * 9 + 4)
+    assert _planner(100, eval_every=3).predicted_seconds(11, 1, 10.0) == pytest.approx(10 + 10 * 9 + 4)
+    assert _planner(100, eval_every=0).predicted_seconds(10, 1, 10.0) == pytest.approx(10 + 9 * 9 + 1)
+    assert _planner(109, eval_every=0).plan(1, 10.0) == 11  # 10 + 10 * 9 + 1 = 101 s; 12 would be 110 s
+    # A history row without test figures (an epoch --eval-every skipped) prices no evaluation.
+    planner = _planner(100)
+    planner.record_history([{"seconds": 9.0, "train_images": 1000, "images_per_second": 1000 / 9.0,
+                             "train_size": 32, "tta": 0, "test_acc": None}])
+    assert planner.eval_seconds == 1.0
+
+
 def test_tta_view_counts_match_the_views_evaluated():
     from moderncnn.train.engine import tta_views
     for level, views in TTA_VIEWS.items():
@@ -142,6 +157,9 @@ def test_parse_budget_and_the_cli_flag():
     parser = build_parser()
     config, explicit = config_from_args(parser.parse_args(["train", "--budget", "10m"]))
     assert config.budget == 600.0 and "budget" in explicit
+    config, explicit = config_from_args(parser.parse_args(["train", "--budget", "1h", "--eval-every", "4"]))
+    assert config.eval_every == 4 and "eval_every" in explicit
+    assert resolve_config(TrainConfig()).eval_every == 1  # every epoch unless asked
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--budget", "soon"])
 
@@ -193,6 +211,31 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
     # Whole epochs that drop a last short batch (59,904 of 60,000 images) are whole epochs.
     assert _epochs_words([{"train_images": 59904.0}] * 4) == "4 epochs"
     assert _epochs_words([{"train_images": 59904.0}]) == "1 epoch"
+
+
+def test_eval_every_scores_the_test_set_every_nth_epoch_and_the_last(data_dir, tmp_path, capsys):
+    from moderncnn.report.run import read_metrics
+    result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=5, eval_every=2,
+                   batch_size=32, lr=0.1, out=str(tmp_path), name="e", progress=False)
+    out = capsys.readouterr().out
+    assert [r["test_acc"] is not None for r in result.history] == [False, True, False, True, True]
+    assert result.final_acc == result.history[-1]["test_acc"]
+    assert result.best_acc == max(r["test_acc"] for r in result.history if r["test_acc"] is not None)
+    assert out.count("(test set not scored)") == 2
+    rows = read_metrics(tmp_path / "e" / "metrics.csv")  # the skipped epochs' test cells are empty
+    assert ["test_acc" in r for r in rows] == [False, True, False, True, True]
+    assert all("train_acc" in r for r in rows)
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "scored every 2 epochs and after the last (`--eval-every 2`)" in report
+    assert "| 1 | " in report and " | - | - | " in report
+    assert (tmp_path / "e" / "curves.png").stat().st_size > 0
+    assert load_checkpoint(tmp_path / "e" / "best.pt")["epoch"] in (2, 4, 5)
+    only_last = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, eval_every=0,
+                      batch_size=32, lr=0.1, out=str(tmp_path), name="z", progress=False)
+    assert [r["test_acc"] is not None for r in only_last.history] == [False, True]
+    assert "after the last epoch only (`--eval-every 0`)" in (tmp_path / "z" / "report.md").read_text()
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        train(dataset="mnist", data_dir=str(data_dir), epochs=1, eval_every=-1, out=str(tmp_path), name="n")
 
 
 def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .cli import _EXTRA_COMMANDS
 from .models import list_models
+from .report.plots import scored
 from .report.run import read_metrics
 from .report.summary import human
 from .train.budget import parse_budget
@@ -125,6 +126,7 @@ def write_comparison_report(comp_dir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         h = r["history"]
+        h = scored(h)
         ax.plot([x["epoch"] for x in h], [x["test_acc"] for x in h], "o-", label=r["model"], markersize=3)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers

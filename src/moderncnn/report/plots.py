@@ -11,7 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix"]
+__all__ = ["scored", "plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix"]
+
+
+def scored(history: List[Dict[str, float]]) -> List[Dict[str, float]]:
+    """The rows of epochs that scored the test set (``--eval-every`` leaves the others without test figures)."""
+    return [row for row in history if row.get("test_acc") is not None]
 
 
 def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
@@ -23,11 +28,12 @@ def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", la
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     train_label = f"train loss (label smoothing {label_smoothing:g})" if label_smoothing else "train loss"
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label=train_label)
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s--", label="test loss")
+    tested = scored(history)
+    ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "s--", label="test loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train acc")
-    ax_acc.plot(epochs, [r["test_acc"] for r in history], "s--", label="test acc")
+    ax_acc.plot([r["epoch"] for r in tested], [r["test_acc"] for r in tested], "s--", label="test acc")
     # Epochs scored with test-time augmentation (the last one, where a recipe asks for it) get their own
     # marker: the step up there is the augmentation's, not one more epoch's learning.
     tta_rows = [r for r in history if r.get("tta")]
@@ -37,7 +43,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", la
                     markersize=12, label=f"test acc with TTA (level {', '.join(map(str, levels))})")
         ax_loss.plot([r["epoch"] for r in tta_rows], [r["test_loss"] for r in tta_rows], "*", color="C3",
                      markersize=12, label="test loss with TTA")
-    best = max(history, key=lambda r: r["test_acc"])
+    best = max(tested, key=lambda r: r["test_acc"])
     ax_acc.annotate(f"{best['test_acc']:.4f}", (best["epoch"], best["test_acc"]), textcoords="offset points",
                     xytext=(0, -14), ha="center", fontsize=8)
     ax_loss.legend()

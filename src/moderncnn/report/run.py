@@ -10,7 +10,7 @@ import torch
 
 from ..data.loader import Augment
 from ..train.optim import describe_optimizer
-from .plots import plot_confusion, plot_curves, plot_predictions
+from .plots import plot_confusion, plot_curves, plot_predictions, scored
 from .summary import human
 
 __all__ = ["read_metrics", "write_run_report"]
@@ -61,6 +61,10 @@ def _size_mark(row, full: int) -> str:
     return f" (at {side}x{side})" if side != full else ""
 
 
+def _figure(row, key: str) -> str:
+    return f"{row[key]:.4f}" if row.get(key) is not None else "-"
+
+
 def _tta_mark(row) -> str:
     return f" (TTA {int(row['tta'])})" if row.get("tta") else ""
 
@@ -79,7 +83,7 @@ def write_run_report(run_dir: Path) -> Path:
                      preds["predictions"][preds["sample_index"]], classes, run_dir / "predictions.png")
     plot_confusion(preds["labels"], preds["predictions"], classes, run_dir / "confusion.png")
 
-    final, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    final, best = history[-1], max(scored(history), key=lambda r: r["test_acc"])
     total = sum(r["seconds"] for r in history)
     versions = info.get("versions", {})
     per_class = _per_class_accuracy(preds["labels"], preds["predictions"], len(classes))
@@ -125,10 +129,14 @@ def write_run_report(run_dir: Path) -> Path:
     if any(r.get("tta") for r in history):
         lines += ["Epochs marked TTA were scored with test-time augmentation (the last one); the others on "
                   "the plain test images.", ""]
+    if len(scored(history)) < len(history):
+        lines += [f"The test set was scored every {cfg['eval_every']} epochs and after the last (`--eval-every "
+                  f"{cfg['eval_every']}`); the other rows have no test figures." if cfg.get("eval_every") else
+                  "The test set was scored after the last epoch only (`--eval-every 0`).", ""]
     lines += ["| epoch | train loss | train acc | test loss | test acc | lr | seconds | images/s |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
-              f"{r['test_acc']:.4f}{_tta_mark(r)} | "
+    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {_figure(r, 'test_loss')} | "
+              f"{_figure(r, 'test_acc')}{_tta_mark(r)} | "
               f"{r['lr']:.4g} | {r['seconds']:.1f} | {r['images_per_second']:.0f}{_size_mark(r, info['image_size'])} |"
               for r in history]
     lines += ["", "## Predictions", "", "![predictions](predictions.png)", "",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional
 
-from .config import train_side
+from .config import evaluates_after, train_side
 
 __all__ = ["parse_budget", "EpochPlanner", "TTA_VIEWS"]
 
@@ -57,13 +57,16 @@ class EpochPlanner:
         train_images, test_images: images per epoch of training and per evaluation.
         final_views: forward passes per test image in the last evaluation (test-time augmentation).
         steps_per_epoch: the unit of a plan: :meth:`plan` counts steps (1: whole epochs).
+        eval_every: the run's evaluation interval (see :func:`evaluates_after`): only the epochs that score
+            the test set are priced an evaluation.
     """
 
     def __init__(self, budget: float, max_epochs: int, full_side: int, progressive_size: int = 0,
                  progressive_fraction: float = 0.7, train_images: int = 1, test_images: int = 0,
-                 final_views: int = 1, steps_per_epoch: int = 1):
+                 final_views: int = 1, steps_per_epoch: int = 1, eval_every: int = 1):
         self.budget, self.max_epochs = float(budget), int(max_epochs)
         self.steps_per_epoch = int(steps_per_epoch)
+        self.eval_every = int(eval_every)
         self.full_side, self.progressive_size, self.progressive_fraction = full_side, progressive_size, \
             progressive_fraction
         self.train_images, self.test_images, self.final_views = train_images, test_images, final_views
@@ -92,7 +95,8 @@ class EpochPlanner:
             if row.get("train_images") and row.get("images_per_second"):
                 train_time = row["train_images"] / row["images_per_second"]
                 self.record_train(int(row.get("train_size") or self.full_side), train_time, int(row["train_images"]))
-                if not row.get("tta"):  # a TTA evaluation costs several plain ones
+                # A TTA evaluation costs several plain ones; an epoch without one has no test figures.
+                if not row.get("tta") and row.get("test_acc") is not None:
                     self.record_eval(row["seconds"] - train_time, warm=i > 0)
 
     def side(self, epoch: int, epochs: int) -> int:
@@ -126,7 +130,7 @@ class EpochPlanner:
         epochs = self.epochs(steps)
         last_fraction = self.last_epoch_steps(steps) / self.steps_per_epoch
         total = spent + sum(self.epoch_train_seconds(self.side(j, epochs)) * (last_fraction if j == epochs - 1 else 1)
-                            + per_eval for j in range(committed, epochs))
+                            + per_eval * evaluates_after(j, epochs, self.eval_every) for j in range(committed, epochs))
         return total + per_eval * (self.final_views - 1)
 
     def fit(self, committed: int, spent: float, limit: float) -> int:

@@ -19,6 +19,7 @@ TRAIN_FLAGS = {  # flag -> TrainConfig field
     "pretrained": "pretrained", "freeze_backbone": "freeze_backbone", "head_lr_mult": "head_lr_mult",
     "val_fraction": "val_fraction", "init": "init", "memory_efficient": None,
     "progressive_size": "progressive_size", "progressive_fraction": "progressive_fraction",
+    "eval_every": "eval_every",
 }
 
 
@@ -75,6 +76,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "steps to the full size (test images always at full size; 0 = off)")
     p.add_argument("--progressive-fraction", type=float, default=None, metavar="F",
                    help="share of the epochs that progressive resizing spends below the full size (default 0.7)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="score the test set after every N-th epoch and after the last (default 1; 0: the last "
+                        "only): a time budget then trains in the time the evaluations would take")
     p.add_argument("--val-fraction", type=float, default=None, help="image folders without test/: hold-out share")
     p.add_argument("--memory-efficient", action="store_true", default=None,
                    help="DenseNet: recompute concat-BN-ReLU in backward to save memory")

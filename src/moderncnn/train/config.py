@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 __all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "resolve_config", "recipe_names",
-           "train_side"]
+           "train_side", "evaluates_after"]
 
 
 @dataclass
@@ -58,6 +58,7 @@ class TrainConfig:
     val_fraction: Optional[float] = None
     progressive_size: Optional[int] = None  # progressive resizing: first side (0 = off), see train_side()
     progressive_fraction: Optional[float] = None
+    eval_every: Optional[int] = None  # test-set evaluation every N epochs and after the last (0: the last only)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +76,7 @@ DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
     augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
+    eval_every=1,
 )
 
 # The most epochs a run with a time budget plans when --epochs is not given (a bound for the planner's
@@ -232,8 +234,16 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.progressive_size < 0 or not 0 < cfg.progressive_fraction <= 1:
         raise ValueError(f"progressive_size must be >= 0 and progressive_fraction in (0, 1], got "
                          f"{cfg.progressive_size} and {cfg.progressive_fraction}")
+    if cfg.eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0 (0: evaluate after the last epoch only), got {cfg.eval_every}")
     if cfg.init not in (None, "xavier", "whiten"):
         raise ValueError(f"init must be xavier or whiten, got {cfg.init!r}")
+
+
+def evaluates_after(epoch: int, epochs: int, eval_every: int) -> bool:
+    """Whether the test set is scored after epoch ``epoch`` (0-based) of ``epochs``: every ``eval_every``-th
+    epoch and always the last (``eval_every`` 0: the last only)."""
+    return epoch + 1 >= epochs or (eval_every > 0 and (epoch + 1) % eval_every == 0)
 
 
 def train_side(epoch: int, epochs: int, full: int, start: int, fraction: float) -> int:

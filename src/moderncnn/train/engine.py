@@ -34,7 +34,7 @@ from ..report.summary import count_parameters, summary
 from .checkpoint import (CheckpointError, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint,
                          write_text_atomic)
 from .budget import TTA_VIEWS, EpochPlanner
-from .config import BUDGET_MAX_EPOCHS, DEFAULTS, RECIPES, TrainConfig, resolve_config, train_side
+from .config import BUDGET_MAX_EPOCHS, DEFAULTS, RECIPES, TrainConfig, resolve_config, evaluates_after, train_side
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, cleanup_distributed, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler, describe_optimizer, ema_warmup_fn
@@ -432,10 +432,14 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
     def planned_steps_in(epoch: int) -> int:  # below steps_per_epoch for a budget's partial last epoch
         return min(steps_per_epoch, planned_steps - epoch * steps_per_epoch)
 
+    def evaluation_seconds_after(epoch: int) -> float:  # the planner's price of epoch's evaluation, if it has one
+        return planner.evaluation_seconds() if evaluates_after(epoch, planned_epochs(), cfg.eval_every) else 0.0
+
     if cfg.budget:
         planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size, cfg.progressive_fraction,
                                train_images=len(train_set), test_images=len(test_set),
-                               final_views=TTA_VIEWS[int(cfg.tta or 0)], steps_per_epoch=steps_per_epoch)
+                               final_views=TTA_VIEWS[int(cfg.tta or 0)], steps_per_epoch=steps_per_epoch,
+                               eval_every=cfg.eval_every)
         planner.record_history(history)  # a resumed run plans from the epochs it has done
         planned_steps = replan(start_epoch + 1, sum(r["seconds"] for r in history))
 
@@ -550,7 +554,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
                     planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
                     planned_steps = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
-                                           + planner.evaluation_seconds())
+                                           + evaluation_seconds_after(epoch))
                     if bar is not None:
                         bar.set_description(f"epoch {epoch + 1}/{planned_epochs()}")
                         bar.total = planned_steps_in(epoch)
@@ -596,7 +600,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
                 else:
                     planner.record_train(side, train_time, int(seen.item()))
-                planned_steps = replan(epoch + 1, train_seconds + train_time + planner.evaluation_seconds(),
+                planned_steps = replan(epoch + 1, train_seconds + train_time + evaluation_seconds_after(epoch),
                                        planned_steps)
             # Should the plan have been too long, the epoch that passes the budget is the last.
             budget_spent = torch.tensor(int(bool(cfg.budget and train_seconds + train_time >= cfg.budget)),
@@ -605,13 +609,16 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             last_epoch = epoch + 1 >= planned_epochs() or budget_spent.item() > 0
             eval_start = time.perf_counter()
             tta_level = int(cfg.tta or 0) if last_epoch else 0
+            # --eval-every N: the epochs in between have no test figures (None; empty in metrics.csv).
+            evaluated = last_epoch or evaluates_after(epoch, planned_epochs(), cfg.eval_every)
+            test_loss = test_acc = None
             if last_epoch and main and not info.enabled:  # keep the predictions for the report
                 test_loss, test_acc, *final_predictions = evaluate(
                     eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, return_predictions=True)
-            else:
+            elif evaluated:
                 test_loss, test_acc = evaluate(eval_model, test_loader, tta=tta_level, amp_dtype=amp_dtype, info=info)
             seconds = time.perf_counter() - epoch_start + elapsed_before
-            if planner is not None and not tta_level:
+            if planner is not None and evaluated and not tta_level:
                 # The first evaluation carries one-time costs (kernel search for the test batches).
                 planner.record_eval(time.perf_counter() - eval_start, warm=evaluations_timed > 0)
                 evaluations_timed += 1
@@ -621,8 +628,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                    "train_size": side, "train_images": int(seen.item())}
             history.append(row)
             train_seconds += seconds
-            improved = test_acc > best_acc
-            best_acc = max(best_acc, test_acc)
+            improved = evaluated and test_acc > best_acc
+            best_acc = max(best_acc, test_acc) if evaluated else best_acc
             partial, loader_rng = None, None
             if main:
                 _write_metrics(run_dir / "metrics.csv", history)
@@ -634,8 +641,10 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                         best["model"] = ema.module.state_dict()
                     save_checkpoint(best, run_dir / "best.pt")
                 fraction = (last_step + 1) / steps_per_epoch  # below 1 for a budget's partial last epoch
+                scores = (f"test loss {test_loss:.4f} acc {test_acc:.4f}" if evaluated
+                          else f"{'(test set not scored)':<27}")  # as wide as the figures
                 print(f"epoch {epoch + 1:3d}/{planned_epochs()}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                      f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
+                      f"{scores}  lr {row['lr']:.4g}  "
                       f"{seconds:.1f}s  {row['images_per_second']:.0f} img/s"
                       f"{f'  (trained at {side}x{side})' if side != image_size else ''}"
                       f"{f'  ({fraction:.0%} of the training set)' if fraction < 1 else ''}", flush=True)
