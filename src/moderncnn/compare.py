@@ -125,8 +125,7 @@ def write_comparison_report(comp_dir: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        h = r["history"]
-        h = scored(h)
+        h = scored(r["history"])  # --eval-every leaves some epochs without test figures
         ax.plot([x["epoch"] for x in h], [x["test_acc"] for x in h], "o-", label=r["model"], markersize=3)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
