@@ -85,24 +85,42 @@ def test_plan_prices_small_progressive_epochs_by_area():
 
 
 def test_replanning_follows_the_times_then_only_shrinks():
-    planner = _planner(100)
+    planner = _planner(100)  # epochs priced at the median of the last three measured at their side
     assert planner.plan(2, 20.0, current=10) == 10
     # First half of the plan: it follows the times either way.
-    planner.record_train(32, 9.3, 1000)
+    planner.record_train(32, 9.6, 1000)  # median of 9.0 and 9.6: 9.3
     assert planner.plan(2, 20.3, current=10) == 9
     planner.record_train(32, 8.0, 1000)
+    planner.record_train(32, 8.0, 1000)  # 9.6, 8, 8: 8
     assert planner.plan(2, 19.0, current=10) == 11
     # Second half: jitter within a quarter of an epoch keeps the plan (10 epochs of 10.3 s end at 101.2 s) ...
-    planner.record_train(32, 9.3, 1000)
+    for _ in range(3):
+        planner.record_train(32, 9.3, 1000)
+    assert planner.plan(6, 60.0, current=10) == 10
+    # ... one slow epoch among steady ones is priced at the median, not at itself ...
+    planner.record_train(32, 12.0, 1000)
+    assert planner.train_rate[32] * 1000 == pytest.approx(9.3)
     assert planner.plan(6, 60.0, current=10) == 10
     # ... a faster machine does not lengthen a decaying schedule ...
     planner.record_train(32, 6.0, 1000)
+    planner.record_train(32, 6.0, 1000)
     assert planner.plan(6, 60.0, current=10) == 10
-    # ... and a third slower one shortens it: 60 s + 3 x 13 s fits, a fourth epoch would not.
+    # ... and a lasting slowdown shortens it: 60 s + 3 x 13 s fits, a fourth epoch would not.
+    planner.record_train(32, 12.0, 1000)
     planner.record_train(32, 12.0, 1000)
     assert planner.plan(6, 60.0, current=10) == 9
     unmeasured = EpochPlanner(100, max_epochs=50, full_side=32)
     assert unmeasured.plan(1, 0.0) == 50 and unmeasured.plan(1, 0.0, current=7) == 7
+
+
+def test_a_provisional_price_gives_way_to_measured_epochs():
+    planner = EpochPlanner(100, max_epochs=50, full_side=32, train_images=1000)
+    planner.record_train(32, 20.0, 1000, provisional=True)  # a few steps of the first epoch
+    assert planner.measured and planner.epoch_train_seconds(32) == pytest.approx(20.0)
+    planner.record_train(32, 9.0, 1000)  # the epoch itself: not averaged with the provisional price
+    assert planner.epoch_train_seconds(32) == pytest.approx(9.0)
+    planner.record_train(32, 30.0, 1000, provisional=True)  # ignored once the side is measured
+    assert planner.epoch_train_seconds(32) == pytest.approx(9.0)
 
 
 def test_a_cold_first_evaluation_does_not_shorten_the_plan():
@@ -138,13 +156,15 @@ def test_a_cold_first_evaluation_does_not_shorten_the_plan():
 def test_a_resumed_run_plans_from_its_history():
     planner = EpochPlanner(100, max_epochs=1000, full_side=32, train_images=1000, test_images=500)
     planner.record_history([
-        {"seconds": 10.0, "images_per_second": 1000 / 9.0, "train_images": 1000, "train_size": 32, "tta": 0},
-        {"seconds": 12.0, "images_per_second": 1000 / 6.0, "train_images": 1000, "train_size": 32, "tta": 2},
+        {"seconds": 10.0, "images_per_second": 1000 / 9.0, "train_images": 1000, "train_size": 32, "tta": 0,
+         "test_acc": 0.5},
+        {"seconds": 12.0, "images_per_second": 1000 / 6.0, "train_images": 1000, "train_size": 32, "tta": 2,
+         "test_acc": 0.6},
         {"seconds": 5.0, "images_per_second": 100.0},  # written before train_images existed: skipped
     ])
-    assert planner.epoch_train_seconds(32) == pytest.approx(6.0)  # the latest measurement
+    assert planner.epoch_train_seconds(32) == pytest.approx(7.5)  # the median of the epochs' 9 s and 6 s
     assert planner.evaluation_seconds() == pytest.approx(1.0)  # not the TTA epoch's 6 s
-    assert planner.plan(3, 22.0) == 14  # 22 s + 11 x 7 s = 99 s
+    assert planner.plan(3, 22.0) == 12  # 22 s + 9 x 8.5 s = 98.5 s
 
 
 def test_parse_budget_and_the_cli_flag():

@@ -313,6 +313,7 @@ def test_recipe_model_arguments_belong_to_the_recipes_model():
     assert resolve_config(TrainConfig(recipe="fmnist-best")).model_kwargs == recipe_kwargs  # recipe not consumed
     cifar = resolve_config(TrainConfig(recipe="cifar10"))
     assert cifar.model == "densenet_bc_cifar" and cifar.model_kwargs == {}
+    assert cifar.amp == "auto" and cifar.eval_every == 5
     assert (cifar.optimizer, cifar.muon_lr, cifar.lr) == ("muon", 0.05, 0.2)
     gpu = resolve_config(TrainConfig(recipe="cifar10-gpu"))
     assert (gpu.model, gpu.optimizer, gpu.muon_lr, gpu.lr, gpu.epochs) == ("densenet_bc_100", "muon", 0.05, 0.4, 25)
@@ -388,3 +389,50 @@ def test_predict_preprocesses_files_exactly_as_training(tmp_path):
         by_name = dict(ranked)
         for c, name in enumerate(model.classes):
             assert by_name[name] == pytest.approx(probs[i, c].item(), abs=1e-5)
+
+
+# --- mixed precision: bfloat16 where the device has it in hardware ----------------------------------------
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_dtype_follows_the_hardware(monkeypatch, native):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert engine.autocast_dtype(False, cpu) is None
+    assert engine.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    if native:
+        assert engine.autocast_dtype(True, cpu) == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="AVX512-BF16 or AMX.*--no-amp or --amp auto"):
+            engine.autocast_dtype(True, cpu)
+
+
+def test_amp_flag_takes_auto_and_refuses_other_values():
+    from moderncnn.cli import _register_commands, build_parser
+    from moderncnn.train.cli import config_from_args
+    _register_commands()
+    parser = build_parser()
+    for argv, want in [(["--amp"], True), (["--amp", "auto"], "auto"), (["--no-amp"], False), ([], False)]:
+        cfg, explicit = config_from_args(parser.parse_args(["train", *argv]))
+        assert cfg.amp == want and (("amp" in explicit) == bool(argv)), argv
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--amp", "yes"])
+    with pytest.raises(ValueError, match="amp must be"):
+        resolve_config(TrainConfig(amp="sometimes"))
+    # --no-amp beats a recipe's "auto"
+    assert resolve_config(TrainConfig(recipe="cifar10", amp=False), explicit={"amp"}).amp is False
+
+
+def test_bfloat16_run_on_the_cpu_records_its_precision(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)  # oneDNN emulates it where it is not
+    result = moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp=True))
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bfloat16 autocast"
+    assert json.loads((run / "config.json").read_text())["precision"] == "bfloat16 autocast"
+    assert "bfloat16 autocast |" in (run / "report.md").read_text()
+    assert result.final_acc > 0.2  # learns in bfloat16 (chance is 0.1)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp="auto", name="fp32"))
+    assert json.loads((tmp_path / "fp32" / "summary.json").read_text())["precision"] == "float32"
+    with pytest.raises(ValueError, match="needs bfloat16 in hardware"):
+        moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp=True, name="refused"))
+    assert not (tmp_path / "refused").exists()

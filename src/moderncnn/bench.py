@@ -18,7 +18,12 @@ from torch import nn
 
 from .cli import _EXTRA_COMMANDS, _parse_size
 
-__all__ = ["run_benchmark", "torchvision_counterpart", "make_step", "measure"]
+__all__ = ["run_benchmark", "torchvision_counterpart", "has_torchvision_counterpart", "make_step", "measure"]
+
+
+def has_torchvision_counterpart(name: str) -> bool:
+    import torchvision.models as tvm
+    return name == "densenet_bc_100" or callable(getattr(tvm, name, None))
 
 
 def torchvision_counterpart(name: str, num_classes: int, in_chans: int, memory_efficient: bool = False) -> nn.Module:
@@ -178,12 +183,16 @@ def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64
         base = dict(name=name, input_size=size, device=device, steps=steps, amp=amp,
                     channels_last=channels_last, repeats=repeats)
         r = {"model": name, "input_size": size}
-        for impl in ("torchvision", "moderncnn"):
+        # Our own networks (densenet_bc_cifar, the d2l ones, ...) have no torchvision twin: measured alone.
+        paired = has_torchvision_counterpart(name)
+        for impl in ("torchvision", "moderncnn") if paired else ("moderncnn",):
             key = "tv" if impl == "torchvision" else "ours"
             r[f"{key}_train"] = run(dict(base, impl=impl, mode="train", batch=batch))
             if dense:
                 r[f"{key}_train_me"] = run(dict(base, impl=impl, mode="train_me", batch=batch))
-        r["tv_eval"] = run(dict(base, impl="torchvision", mode="eval", batch=eval_batch, steps=max(2, steps // 2)))
+        if paired:
+            r["tv_eval"] = run(dict(base, impl="torchvision", mode="eval", batch=eval_batch,
+                                    steps=max(2, steps // 2)))
         r["ours_eval_opt"] = run(dict(base, impl="moderncnn", mode="eval_opt", batch=eval_batch,
                                       steps=max(2, steps // 2)))
         rows.append(r)
@@ -192,25 +201,28 @@ def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64
 
 
 def _format_row(r: Dict) -> str:
-    tv, ours = r["tv_train"], r["ours_train"]
-    lines = [f"\n{r['model']} ({tv['device']}, input {'x'.join(map(str, r['input_size']))}, train batch {tv['batch']}, "
-             f"eval batch {r['tv_eval']['batch']})",
+    tv, ours, opt = r.get("tv_train"), r["ours_train"], r["ours_eval_opt"]
+    lines = [f"\n{r['model']} ({ours['device']}, input {'x'.join(map(str, r['input_size']))}, train batch "
+             f"{ours['batch']}, eval batch {opt['batch']}){'' if tv else ': no torchvision counterpart'}",
              f"  {'configuration':34s} {'img/s':>8s} {'peak MB':>9s} {'speed vs tv':>12s} {'memory vs tv':>13s}"]
 
-    def line(label, m):
-        lines.append(f"  {label:34s} {m['images_per_second']:8.1f} {m['peak_mb']:9.0f} "
-                     f"{m['images_per_second'] / tv['images_per_second']:11.2f}x {m['peak_mb'] / tv['peak_mb']:12.2f}x")
+    def line(label, m, ref=tv, memory=True):
+        ratios = (f"{m['images_per_second'] / ref['images_per_second']:11.2f}x" if ref else f"{'-':>12s}")
+        if memory:
+            ratios += f" {m['peak_mb'] / tv['peak_mb']:12.2f}x" if tv else f" {'-':>13s}"
+        lines.append(f"  {label:34s} {m['images_per_second']:8.1f} "
+                     f"{format(m['peak_mb'], '9.0f') if memory else ' ' * 9} {ratios}")
 
-    line("torchvision train", tv)
+    if tv:
+        line("torchvision train", tv)
     if "tv_train_me" in r:
         line("torchvision train memory_efficient", r["tv_train_me"])
     line("moderncnn train", ours)
     if "ours_train_me" in r:
         line("moderncnn train memory_efficient", r["ours_train_me"])
-    ev, opt = r["tv_eval"], r["ours_eval_opt"]
-    lines.append(f"  {'torchvision eval()':34s} {ev['images_per_second']:8.1f}")
-    lines.append(f"  {'moderncnn optimize_for_inference':34s} {opt['images_per_second']:8.1f} {'':9s} "
-                 f"{opt['images_per_second'] / ev['images_per_second']:11.2f}x")
+    if "tv_eval" in r:
+        lines.append(f"  {'torchvision eval()':34s} {r['tv_eval']['images_per_second']:8.1f}")
+    line("moderncnn optimize_for_inference", opt, ref=r.get("tv_eval"), memory=False)
     return "\n".join(lines)
 
 
@@ -229,7 +241,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -115,7 +115,7 @@ def write_run_report(run_dir: Path) -> Path:
         f"{_tta_words(cfg['tta'])}{', init ' + cfg['init'] if cfg['init'] else ''} |",
         f"| seed | {cfg['seed']} |",
         f"| throughput | {sum(r['images_per_second'] for r in history) / len(history):.0f} training images/s "
-        f"(mean over epochs) |",
+        f"(mean over epochs){', ' + info['precision'] if info.get('precision') else ''} |",
         f"| software | Python {versions.get('python')}, torch {versions.get('torch')}, "
         f"moderncnn {versions.get('moderncnn')} |",
     ]

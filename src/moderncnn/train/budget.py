@@ -19,7 +19,8 @@ budget was planned as 6 epochs and used 103 s of it.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional
+import statistics
+from typing import Dict, List, Optional
 
 from .config import evaluates_after, train_side
 
@@ -70,7 +71,8 @@ class EpochPlanner:
         self.full_side, self.progressive_size, self.progressive_fraction = full_side, progressive_size, \
             progressive_fraction
         self.train_images, self.test_images, self.final_views = train_images, test_images, final_views
-        self.train_rate: Dict[int, float] = {}  # side -> seconds per training image, latest measurement
+        self.train_rate: Dict[int, float] = {}  # side -> seconds per training image (see record_train)
+        self._recent_rates: Dict[int, List[float]] = {}
         self.eval_seconds: Optional[float] = None
         self.eval_warm = False  # False while the only evaluation timed is the run's first
 
@@ -78,9 +80,19 @@ class EpochPlanner:
     def measured(self) -> bool:
         return bool(self.train_rate)
 
-    def record_train(self, side: int, seconds: float, images: int) -> None:
-        if images > 0 and seconds > 0:
-            self.train_rate[int(side)] = seconds / images
+    def record_train(self, side: int, seconds: float, images: int, provisional: bool = False) -> None:
+        """One epoch's training time at ``side``. The price of an epoch there is the median of the last three
+        measured: a shared 2-core machine has single epochs 20% slower than their neighbours, and priced at
+        such an epoch a plan in its second half shrinks for good (an hour of CIFAR-10 left 362 s unused after
+        two of them), while a lasting slowdown still moves the median within two epochs. A ``provisional``
+        price (a few steps of an unmeasured run) stands until the side's first measured epoch replaces it."""
+        if provisional:
+            if images > 0 and seconds > 0 and not self._recent_rates.get(int(side)):
+                self.train_rate[int(side)] = seconds / images
+        elif images > 0 and seconds > 0:
+            recent = self._recent_rates.setdefault(int(side), [])
+            recent[:] = (recent + [seconds / images])[-3:]
+            self.train_rate[int(side)] = statistics.median(recent)
 
     def record_eval(self, seconds: float, warm: bool = True) -> None:
         """The seconds of one plain evaluation; ``warm=False`` for the process's first, which may carry

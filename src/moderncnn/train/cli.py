@@ -58,8 +58,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{', '.join(recipe_names())} (default: fast), or a JSON file of training options")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or mps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (CUDA only; the -gpu recipes turn it on)")
+    p.add_argument("--amp", nargs="?", const=True, default=None, type=_amp_choice, metavar="auto",
+                   help="bfloat16 autocast: --amp where the device has bfloat16 in hardware (CUDA; CPUs with "
+                        "AVX512-BF16 or AMX), else an error; --amp auto: there, fp32 elsewhere (the cifar10 "
+                        "recipe's setting)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 throughout")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--out", default=None, help="parent directory of run directories (default runs/)")
@@ -84,6 +87,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
     p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
                    help="constructor argument of the model, e.g. small_input=True (repeatable)")
+
+
+def _amp_choice(value: str):
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"--amp takes no value or 'auto', got {value!r}")
+    return value
 
 
 def config_from_args(args) -> tuple:

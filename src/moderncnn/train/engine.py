@@ -40,6 +40,7 @@ from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, build_scheduler, describe_optimizer, ema_warmup_fn
 
 __all__ = ["train", "evaluate", "RunResult", "TrainingInterrupted", "NonFiniteLossError", "pick_device",
+           "autocast_dtype", "cpu_has_native_bf16",
            "METRIC_FIELDS", "load_model", "build_model_from_checkpoint"]
 
 # ``tta``: the test-time augmentation level the epoch's test figures used (the last epoch's only, see _train).
@@ -71,6 +72,31 @@ class RunResult:
     train_seconds: float = 0.0
     params: int = 0
     flops: int = 0
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it,
+    slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, since torch 2.3
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(amp: Union[bool, str], device: torch.device, source: str = "--amp") -> Optional[torch.dtype]:
+    """The autocast dtype of a run: bfloat16 or None (fp32).
+
+    ``amp`` True asks for bfloat16 (an error where the device has no native bfloat16), "auto" takes it
+    where the device has it (CUDA; CPUs with AVX512-BF16 or AMX, where a DenseNet-BC trains 1.3-1.8x
+    faster than in fp32) and runs fp32 elsewhere, False is fp32."""
+    if not amp:
+        return None
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and cpu_has_native_bf16())
+    if native:
+        return torch.bfloat16
+    if amp == "auto":
+        return None
+    raise ValueError(f"{source} needs bfloat16 in hardware: a CUDA device, or a CPU with AVX512-BF16 or AMX "
+                     f"(this {device.type} has neither, so fp32 is its fast path; pass --no-amp or --amp auto)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -295,11 +321,8 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         device = torch.device("cuda", info.local_rank)
     main = info.is_main
     torch.manual_seed(cfg.seed)
-    if cfg.amp and device.type != "cuda":
-        source = f"recipe {cfg.recipe!r} uses --amp, which" if RECIPES.get(cfg.recipe, {}).get("amp") else "--amp"
-        raise ValueError(f"{source} needs a CUDA device (on the CPU fp32 is the fast path; pass --no-amp, "
-                         f"or use a CPU recipe)")
-    amp_dtype = torch.bfloat16 if cfg.amp else None
+    amp_dtype = autocast_dtype(cfg.amp, device, source=f"recipe {cfg.recipe!r} uses --amp, which"
+                               if RECIPES.get(cfg.recipe, {}).get("amp") is True else "--amp")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
 
@@ -443,6 +466,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         planner.record_history(history)  # a resumed run plans from the epochs it has done
         planned_steps = replan(start_epoch + 1, sum(r["seconds"] for r in history))
 
+    precision = "bfloat16 autocast" if amp_dtype is not None else "float32"
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
             "in_chans": channels, "classes": list(train_set.classes), "image_size": image_size,
@@ -453,7 +477,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
             "config": config_record, "resolved_from_recipe": cfg.recipe, "versions": _versions(device),
             "seed": cfg.seed, "world_size": info.world_size, "params": params, "trainable_params": trainable,
             "flops_per_image": flops, "train_images": len(train_set), "test_images": len(test_set),
-            "frozen": frozen_note, **meta})
+            "frozen": frozen_note, "precision": precision, **meta})
 
     def checkpoint_state(epoch: int, step: int, partial_metrics=None, rng_state=None) -> Dict[str, Any]:
         return {**meta, "config": config_record, "model": model.state_dict(),
@@ -477,7 +501,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
               f"{describe_optimizer(cfg.optimizer, cfg.lr, cfg.momentum, cfg.muon_lr)}, {cfg.schedule}, "
               f"batch {cfg.batch_size}, {length}"
               f"{f' (the first trained from {cfg.progressive_size}x{cfg.progressive_size} up)' if 0 < cfg.progressive_size < image_size else ''} | "
-              f"{device}{f' x{info.world_size}' if info.enabled else ''} -> {run_dir}", flush=True)
+              f"{device}{f' x{info.world_size}' if info.enabled else ''}, {precision} -> {run_dir}", flush=True)
 
     show_bar = main and cfg.progress and sys.stdout.isatty()
     defer_check = device.type == "cuda"
@@ -552,7 +576,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
                     warm_from = (time.perf_counter(), step)
                 if step == early_plan_step:
                     per_step = (time.perf_counter() - warm_from[0]) / (step - warm_from[1])
-                    planner.record_train(side, per_step * steps_per_epoch, planner.train_images)
+                    planner.record_train(side, per_step * steps_per_epoch, planner.train_images, provisional=True)
                     planned_steps = replan(epoch + 1, train_seconds + planner.epoch_train_seconds(side)
                                            + evaluation_seconds_after(epoch))
                     if bar is not None:
@@ -693,7 +717,8 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
         "epochs_planned": len(result.history) if cfg.budget else cfg.epochs,
         "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
         "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
-        "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0)})
+        "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0),
+        "precision": "float32" if amp_dtype is None else "bfloat16 autocast"})
     write_run_report(run_dir)
     print(f"done: final test accuracy {result.final_acc:.4f}, best {result.best_acc:.4f}, "
           f"{result.train_seconds:.0f}s; report: {run_dir / 'report.md'}", flush=True)
