@@ -99,6 +99,10 @@ def autocast_dtype(amp: Union[bool, str], device: torch.device, source: str = "-
                      f"(this {device.type} has neither, so fp32 is its fast path; pass --no-amp or --amp auto)")
 
 
+def _precision(amp_dtype: Optional[torch.dtype]) -> str:
+    return "float32" if amp_dtype is None else "bfloat16 autocast"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -466,7 +470,7 @@ def _train(cfg: TrainConfig, resume_state: Optional[Dict[str, Any]]) -> RunResul
         planner.record_history(history)  # a resumed run plans from the epochs it has done
         planned_steps = replan(start_epoch + 1, sum(r["seconds"] for r in history))
 
-    precision = "bfloat16 autocast" if amp_dtype is not None else "float32"
+    precision = _precision(amp_dtype)
     config_record = dataclasses.asdict(cfg)
     meta = {"model_name": cfg.model, "model_kwargs": model_kwargs, "num_classes": train_set.num_classes,
             "in_chans": channels, "classes": list(train_set.classes), "image_size": image_size,
@@ -718,7 +722,7 @@ def _finish_run(model, test_set, test_loader, cfg, run_dir: Path, result: RunRes
         "final_acc": result.final_acc, "best_acc": result.best_acc, "train_seconds": result.train_seconds,
         "images_per_second": sum(r["images_per_second"] for r in result.history) / len(result.history),
         "peak_memory_mb": _peak_memory_mb(test_loader.device), "tta": int(cfg.tta or 0),
-        "precision": "float32" if amp_dtype is None else "bfloat16 autocast"})
+        "precision": _precision(amp_dtype)})
     write_run_report(run_dir)
     print(f"done: final test accuracy {result.final_acc:.4f}, best {result.best_acc:.4f}, "
           f"{result.train_seconds:.0f}s; report: {run_dir / 'report.md'}", flush=True)
