@@ -123,8 +123,9 @@ def plot_confusion(labels: torch.Tensor, predictions: torch.Tensor, classes: Seq
                 if cm[i, j]:
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if norm[i, j] > 0.5 else "black")
-    acc = np.trace(cm) / max(cm.sum(), 1)
-    ax.set_title(f"confusion matrix ({int(cm.sum()):,} test images, accuracy {acc:.4f})", fontsize=10)
+    total = int(cm.sum())
+    acc = np.trace(cm) / max(total, 1)
+    ax.set_title(f"confusion matrix ({total:,} test images, accuracy {acc:.4f})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
