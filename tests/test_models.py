@@ -371,6 +371,22 @@ def test_densenet_no_grad_buffer_path_equals_concat_path():
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_densenet_no_grad_path_stays_bfloat16_under_autocast():
+    # Evaluation under bf16 autocast: the block buffer and the eval BN-ReLU stay bf16 (fp32 BN statistics
+    # promoted every layer's input to an fp32 copy before), and the result matches the grad path's.
+    from moderncnn.models.densenet import _eval_norm_relu
+    torch.manual_seed(0)
+    model = create_model("densenet_bc_cifar", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = model(x)
+        slow = model(x)
+    assert _eval_norm_relu(model.features.denseblock1.denselayer1.norm1,
+                           torch.randn(2, 32, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.detach().float(), rtol=0.05, atol=0.05)
+
+
 def test_memory_efficient_densenet_under_autocast_trains():
     # The memory-efficient layer calls fp32 kernels itself; under bf16 autocast it must fall back to the
     # ordinary path (it failed with a dtype mismatch in cuDNN/oneDNN before) and match that path's output.

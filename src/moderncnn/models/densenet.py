@@ -33,10 +33,12 @@ def _fast_eval(module: nn.Module) -> bool:
 
 def _eval_norm_relu(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode ``relu(bn(x))`` without autograd: one per-channel multiply-add straight from a (possibly
-    strided) block buffer into a dense tensor, then ReLU in place."""
+    strided) block buffer into a dense tensor, then ReLU in place. The result keeps ``x``'s dtype: under
+    bfloat16 autocast the buffer is bfloat16, and fp32 statistics would promote every layer's whole input
+    to an fp32 copy that the next convolution casts straight back."""
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     shift = norm.bias - norm.running_mean * scale
-    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_()
+    return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1)).relu_()
 
 
 _PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias", "conv2.weight",
