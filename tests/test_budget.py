@@ -9,8 +9,8 @@ import torch
 
 from moderncnn.train import TrainConfig, load_checkpoint, train
 from moderncnn.train.budget import TTA_VIEWS, EpochPlanner, parse_budget
-from moderncnn.cli import _register_commands, build_parser
-from moderncnn.train.cli import config_from_args
+from moderncnn.cli import build_parser, config_from_args
+from moderncnn.runs import EpochRecord
 from moderncnn.train.config import BUDGET_MAX_EPOCHS, resolve_config
 
 from helpers import make_mnist
@@ -60,13 +60,13 @@ def test_plan_prices_only_the_evaluations_eval_every_runs():
     assert _planner(109, eval_every=0).plan(1, 10.0) == 11  # 10 + 10 * 9 + 1 = 101 s; 12 would be 110 s
     # A history row without test figures (an epoch --eval-every skipped) prices no evaluation.
     planner = _planner(100)
-    planner.record_history([{"seconds": 9.0, "train_images": 1000, "images_per_second": 1000 / 9.0,
-                             "train_size": 32, "tta": 0, "test_acc": None}])
+    planner.record_history([EpochRecord(1, train_loss=1.0, train_acc=0.5, lr=0.1, seconds=9.0, train_images=1000,
+                                        images_per_second=1000 / 9.0, train_size=32, tta=0, test_acc=None)])
     assert planner.eval_seconds == 1.0
 
 
 def test_tta_view_counts_match_the_views_evaluated():
-    from moderncnn.train.engine import tta_views
+    from moderncnn.train.loop import tta_views
     for level, views in TTA_VIEWS.items():
         assert len(tta_views(torch.zeros(1, 1, 4, 4), level)) == views
 
@@ -155,12 +155,13 @@ def test_a_cold_first_evaluation_does_not_shorten_the_plan():
 
 def test_a_resumed_run_plans_from_its_history():
     planner = EpochPlanner(100, max_epochs=1000, full_side=32, train_images=1000, test_images=500)
+    common = dict(train_loss=1.0, train_acc=0.5, lr=0.1)
     planner.record_history([
-        {"seconds": 10.0, "images_per_second": 1000 / 9.0, "train_images": 1000, "train_size": 32, "tta": 0,
-         "test_acc": 0.5},
-        {"seconds": 12.0, "images_per_second": 1000 / 6.0, "train_images": 1000, "train_size": 32, "tta": 2,
-         "test_acc": 0.6},
-        {"seconds": 5.0, "images_per_second": 100.0},  # written before train_images existed: skipped
+        EpochRecord(1, seconds=10.0, images_per_second=1000 / 9.0, train_images=1000, train_size=32, tta=0,
+                    test_acc=0.5, **common),
+        EpochRecord(2, seconds=12.0, images_per_second=1000 / 6.0, train_images=1000, train_size=32, tta=2,
+                    test_acc=0.6, **common),
+        EpochRecord(3, seconds=5.0, images_per_second=100.0, **common),  # before train_images existed: skipped
     ])
     assert planner.epoch_train_seconds(32) == pytest.approx(7.5)  # the median of the epochs' 9 s and 6 s
     assert planner.evaluation_seconds() == pytest.approx(1.0)  # not the TTA epoch's 6 s
@@ -173,12 +174,11 @@ def test_parse_budget_and_the_cli_flag():
     for bad in ("ten minutes", "0", "-5m"):
         with pytest.raises(ValueError, match="budget must"):
             parse_budget(bad)
-    _register_commands()
     parser = build_parser()
     config, explicit = config_from_args(parser.parse_args(["train", "--budget", "10m"]))
-    assert config.budget == 600.0 and "budget" in explicit
+    assert config["budget"] == 600.0 and "budget" in explicit
     config, explicit = config_from_args(parser.parse_args(["train", "--budget", "1h", "--eval-every", "4"]))
-    assert config.eval_every == 4 and "eval_every" in explicit
+    assert config["eval_every"] == 4 and "eval_every" in explicit
     assert resolve_config(TrainConfig()).eval_every == 1  # every epoch unless asked
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--budget", "soon"])
@@ -188,7 +188,7 @@ def test_a_budget_replaces_the_recipes_epochs_unless_epochs_are_given():
     assert resolve_config(TrainConfig(recipe="fast", budget=60)).epochs == BUDGET_MAX_EPOCHS
     assert resolve_config(TrainConfig(recipe="fast", budget=60, epochs=3), {"epochs"}).epochs == 3
     assert resolve_config(TrainConfig(recipe="fast")).epochs == 4
-    with pytest.raises(ValueError, match="budget must be a positive number"):
+    with pytest.raises(ValueError, match=r"budget must be in \(0, inf\), got -1"):
         resolve_config(TrainConfig(budget=-1))
 
 
@@ -204,7 +204,7 @@ def test_a_spent_budget_ends_the_schedule_in_the_epoch_it_plans(data_dir, tmp_pa
                    batch_size=32, lr=0.1, out=str(tmp_path), name="b", progress=False)
     out = capsys.readouterr().out
     assert len(result.history) == 1
-    assert result.history[0]["lr"] == pytest.approx(0.1 * 1e-3)
+    assert result.history[0].lr == pytest.approx(0.1 * 1e-3)
     assert "epoch   1/1" in out and "time budget of 0s" in out
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["epochs_planned"] == 1
@@ -219,40 +219,43 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
     result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=3, budget=60,
                    batch_size=32, lr=0.1, out=str(tmp_path), name="p", progress=False)
     out = capsys.readouterr().out
-    assert [r["train_images"] for r in result.history] == [128, 64]
-    assert result.history[-1]["lr"] == pytest.approx(0.1 * 1e-3)  # the schedule ended with the plan
+    assert [r.train_images for r in result.history] == [128, 64]
+    assert result.history[-1].lr == pytest.approx(0.1 * 1e-3)  # the schedule ended with the plan
     assert "epoch   2/2" in out and "(50% of the training set)" in out and "used by 1.50 epochs" in out
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["epochs_done"] == 2
     assert load_checkpoint(tmp_path / "p" / "last.pt")["scheduler"]["last_epoch"] == 6
     rows = (tmp_path / "p" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith(",train_images") and rows[1].endswith(",128") and rows[2].endswith(",64")
+    assert rows[0].endswith(",train_images,format_version") and rows[1].endswith(",128,2")
+    assert rows[2].endswith(",64,2")
     assert "1.50 epochs (the last on 64 of 128 training images)" in (tmp_path / "p" / "report.md").read_text()
     from moderncnn.report.run import _epochs_words
     # Whole epochs that drop a last short batch (59,904 of 60,000 images) are whole epochs.
-    assert _epochs_words([{"train_images": 59904.0}] * 4) == "4 epochs"
-    assert _epochs_words([{"train_images": 59904.0}]) == "1 epoch"
+    whole = EpochRecord(1, train_loss=1.0, train_acc=0.5, lr=0.1, seconds=1.0, images_per_second=1.0,
+                        train_images=59904)
+    assert _epochs_words([whole] * 4) == "4 epochs"
+    assert _epochs_words([whole]) == "1 epoch"
 
 
 def test_eval_every_scores_the_test_set_every_nth_epoch_and_the_last(data_dir, tmp_path, capsys):
-    from moderncnn.report.run import read_metrics
+    from moderncnn.runs import read_metrics
     result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=5, eval_every=2,
                    batch_size=32, lr=0.1, out=str(tmp_path), name="e", progress=False)
     out = capsys.readouterr().out
-    assert [r["test_acc"] is not None for r in result.history] == [False, True, False, True, True]
-    assert result.final_acc == result.history[-1]["test_acc"]
-    assert result.best_acc == max(r["test_acc"] for r in result.history if r["test_acc"] is not None)
+    assert [r.test_acc is not None for r in result.history] == [False, True, False, True, True]
+    assert result.final_acc == result.history[-1].test_acc
+    assert result.val_acc is None and result.chosen_epoch is None  # no validation set: nothing is chosen
     assert out.count("(test set not scored)") == 2
     rows = read_metrics(tmp_path / "e" / "metrics.csv")  # the skipped epochs' test cells are empty
-    assert ["test_acc" in r for r in rows] == [False, True, False, True, True]
-    assert all("train_acc" in r for r in rows)
+    assert [r.scored for r in rows] == [False, True, False, True, True]
+    assert all(r.train_acc is not None for r in rows)
     report = (tmp_path / "e" / "report.md").read_text()
     assert "scored every 2 epochs and after the last (`--eval-every 2`)" in report
-    assert "| 1 | " in report and " | - | - | " in report
+    assert "| 1 | " in report and " | - | - | - | " in report
     assert (tmp_path / "e" / "curves.png").stat().st_size > 0
-    assert load_checkpoint(tmp_path / "e" / "best.pt")["epoch"] in (2, 4, 5)
+    assert not (tmp_path / "e" / "best.pt").exists()
     only_last = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, eval_every=0,
                       batch_size=32, lr=0.1, out=str(tmp_path), name="z", progress=False)
-    assert [r["test_acc"] is not None for r in only_last.history] == [False, True]
+    assert [r.test_acc is not None for r in only_last.history] == [False, True]
     assert "after the last epoch only (`--eval-every 0`)" in (tmp_path / "z" / "report.md").read_text()
     with pytest.raises(ValueError, match="eval_every must be >= 0"):
         train(dataset="mnist", data_dir=str(data_dir), epochs=1, eval_every=-1, out=str(tmp_path), name="n")
@@ -261,8 +264,8 @@ def test_eval_every_scores_the_test_set_every_nth_epoch_and_the_last(data_dir, t
 def test_a_large_budget_runs_the_given_epochs(data_dir, tmp_path):
     result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, budget=3600,
                    batch_size=32, out=str(tmp_path), name="big", progress=False)
-    assert [r["epoch"] for r in result.history] == [1, 2]
-    assert result.history[-1]["lr"] == pytest.approx(result.config.lr * 1e-3)
+    assert [r.epoch for r in result.history] == [1, 2]
+    assert result.history[-1].lr == pytest.approx(result.config.lr * 1e-3)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

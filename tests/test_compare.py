@@ -17,13 +17,13 @@ def data_dir(tmp_path_factory):
 def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, capsys):
     models = ["densenet_bc_fmnist", "resnet18"]
     comp = compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
-                   train_args=["--data-dir", str(data_dir), "--batch-size", "32", "--image-size", "32"])
+                   data_dir=str(data_dir), batch_size=32, image_size=32)
     for name in ("report.md", "results.csv", "accuracy.png", "tradeoff.png", "compare.json"):
         assert (comp / name).is_file(), name
     with open(comp / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["model"] for r in rows) == sorted(models)
-    accs = [float(r["best_acc"]) for r in rows]
+    accs = [float(r["final_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)  # sorted by accuracy
     for r in rows:
         assert int(r["params"]) > 0 and int(r["flops_per_image"]) > 0 and float(r["peak_memory_mb"]) > 0
@@ -33,7 +33,7 @@ def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, capsys
     stamp = (comp / "resnet18" / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
     compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
-            train_args=["--data-dir", str(data_dir), "--batch-size", "32", "--image-size", "32"])
+            data_dir=str(data_dir), batch_size=32, image_size=32)
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 2
     assert (comp / "resnet18" / "summary.json").stat().st_mtime_ns == stamp

@@ -339,20 +339,20 @@ def test_shards_are_disjoint_and_equal():
     assert len(set(flat.tolist())) == len(flat)
 
 
-def test_flip_rate_and_crop_offsets():
-    from moderncnn.data.loader import random_crop, random_flip
+def test_crop_flip_gather_flip_rate_and_crop_offsets():
+    from moderncnn.data.loader import crop_flip_gather
     g = torch.Generator().manual_seed(0)
-    x = torch.arange(8.).view(1, 1, 1, 8).expand(4000, 1, 8, 8).contiguous()
-    flipped = random_flip(x, g)
-    rate = (flipped[:, 0, 0, 0] == 7).float().mean().item()
+    ramp = (torch.arange(8) + 1).to(torch.uint8).view(1, 1, 1, 8).expand(4000, 1, 8, 8).contiguous()
+    index = torch.arange(4000)
+    flipped = crop_flip_gather(ramp, index, g, padding=0, flip=True)
+    rate = (flipped[:, 0, 0, 0] == 8).float().mean().item()
     assert 0.45 < rate < 0.55
-    # A ramp cropped with zero padding 2: the first column's value tells the horizontal offset.
-    img = (torch.arange(8.) + 1).view(1, 1, 1, 8).expand(4000, 1, 8, 8).contiguous()
-    cropped = random_crop(img, 2, g, mode="zeros")
-    first = cropped[:, 0, 4, :]
+    # Zero padding 2: the first column's value tells the horizontal offset (zeros: a shift to the right).
+    cropped = crop_flip_gather(ramp, index, g, padding=2, flip=False, mode="zeros")
+    first = cropped[:, 0, 4, :].long()
     offsets = torch.where(first[:, 0] == 0, -(first == 0).sum(1), first[:, 0] - 1)
-    assert set(offsets.long().tolist()) == {-2, -1, 0, 1, 2}
-    assert cropped.shape == img.shape
+    assert set(offsets.tolist()) == {-2, -1, 0, 1, 2}
+    assert cropped.shape == ramp.shape
 
 
 def test_erasing_and_resize():

@@ -50,21 +50,24 @@ def test_progressive_sides_grow_in_four_pixel_steps_to_the_full_size():
     assert [train_side(e, 4, 32, 40, 0.7) for e in range(4)] == [32] * 4  # never above the full size
 
 
-def test_progressive_run_trains_small_then_full_and_records_the_sides(tmp_path, monkeypatch):
-    from moderncnn.train import engine
+class RecordInputSides(moderncnn.train.Callback):
+    """(training?, side) of every batch the trained and the evaluated model see."""
+
+    def __init__(self):
+        self.sides = []
+
+    def on_train_start(self, run, state):
+        for model in {run.model, run.eval_model}:
+            model.register_forward_pre_hook(lambda m, inputs: self.sides.append((m.training, inputs[0].shape[-1])))
+
+
+def test_progressive_run_trains_small_then_full_and_records_the_sides(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=256, n_test=64, learnable=True)
-    sides = []  # (training?, side) of every batch the model sees
-    real_create = engine.create_model
-
-    def recording_create(*args, **kwargs):
-        model = real_create(*args, **kwargs)
-        model.register_forward_pre_hook(lambda m, inputs: sides.append((m.training, inputs[0].shape[-1])))
-        return model
-
-    monkeypatch.setattr(engine, "create_model", recording_create)
+    recorder = RecordInputSides()
     result = moderncnn.train(dataset="mnist", data_dir=str(data), model="densenet_bc_fmnist", epochs=3,
                              batch_size=64, out=str(tmp_path), name="run", progress=False, augment="none",
-                             progressive_size=20, progressive_fraction=0.7, ema=0.9)
+                             progressive_size=20, progressive_fraction=0.7, ema=0.9, callbacks=[recorder])
+    sides = recorder.sides
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["train_size"]) for r in rows] == [20, 24, 28]
@@ -89,7 +92,7 @@ def test_progressive_size_below_the_models_minimum_is_refused(tmp_path):
 
 def test_resume_of_a_checkpoint_from_before_progressive_resizing(tmp_path):
     from moderncnn.train import load_checkpoint
-    from moderncnn.train.checkpoint import save_checkpoint
+    from moderncnn.checkpoint import save_checkpoint
     data = make_mnist(tmp_path / "data", n_train=128, n_test=32, learnable=True)
     moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, batch_size=64, out=str(tmp_path), name="run",
                     progress=False, augment="none")
@@ -100,5 +103,5 @@ def test_resume_of_a_checkpoint_from_before_progressive_resizing(tmp_path):
     state.pop("format", None)
     save_checkpoint(state, last)
     resumed = moderncnn.train(resume=str(tmp_path / "run"), epochs=2, progress=False)
-    assert [r["train_size"] for r in resumed.history] == [28, 28]
+    assert [r.train_size for r in resumed.history] == [28, 28]
     assert resumed.config.progressive_size == 0

@@ -93,7 +93,7 @@ def test_export_run_and_predict_with_onnx(tmp_path, capsys):
     from PIL import Image
     from helpers import make_mnist
     from moderncnn.cli import main
-    from moderncnn.train.predict import predict_files
+    from moderncnn.predict import predict_files
     data = make_mnist(tmp_path / "data", n_train=128, n_test=64, learnable=True)
     moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, batch_size=64, out=str(tmp_path), name="r",
                     progress=False, augment="none")

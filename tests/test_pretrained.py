@@ -127,10 +127,10 @@ def test_adapt_first_conv_rules():
 
 
 def test_freeze_backbone_keeps_weights_and_bn_stats(tmp_path):
-    from moderncnn.models.pretrained import classifier_names, freeze_backbone, keep_frozen_norms_in_eval
+    from moderncnn.models.pretrained import freeze_backbone, keep_frozen_norms_in_eval
     model = create_model("resnet18", num_classes=4, in_chans=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    note = freeze_backbone(model, classifier_names(model))
+    note = freeze_backbone(model)
     assert "classifier only (fc)" in note
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     model.train()

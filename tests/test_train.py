@@ -12,14 +12,16 @@ import torch
 from PIL import Image
 
 import moderncnn
-from moderncnn.train import CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint, resolve_config
-from moderncnn.train import engine
-from moderncnn.train.checkpoint import load_model_state, save_checkpoint
+from moderncnn.checkpoint import save_checkpoint
+from moderncnn.runs import METRIC_FIELDS, load_model_state
+from moderncnn.train import (Callback, CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
+                             load_checkpoint, resolve_config)
+from moderncnn.train import setup as train_setup
 
 from helpers import make_mnist
 
-RUN_FILES = ["config.json", "metrics.csv", "curves.png", "predictions.png", "confusion.png", "report.md",
-             "last.pt", "best.pt"]
+RUN_FILES = ["config.json", "metrics.csv", "summary.json", "curves.png", "predictions.png", "confusion.png",
+             "report.md", "last.pt"]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,10 @@ def test_end_to_end_run_directory(data_dir, tmp_path):
     assert {"python", "torch", "moderncnn", "device"} <= set(cfg["versions"])
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == engine.METRIC_FIELDS and len(rows) == 2
+    assert list(rows[0]) == METRIC_FIELDS and len(rows) == 2
     assert float(rows[-1]["test_acc"]) == pytest.approx(result.final_acc, abs=1e-5)
-    assert result.best_acc >= result.final_acc
+    assert not (run / "best.pt").exists() and result.chosen_epoch is None  # no validation set: nothing chosen
+    assert rows[-1]["val_acc"] == "" and rows[-1]["format_version"] == "2"
     assert result.final_acc > 0.3  # learnable squares: well above chance (0.1) after 2 short epochs
     for png in ("curves.png", "predictions.png", "confusion.png"):
         with Image.open(run / png) as img:
@@ -54,7 +57,7 @@ def test_end_to_end_run_directory(data_dir, tmp_path):
     report = (run / "report.md").read_text()
     assert "densenet_bc_fmnist" in report and "![curves](curves.png)" in report and "FLOPs" in report
     assert f"{result.final_acc:.4f}" in report
-    assert "EMA weights" not in report
+    assert "EMA weights" not in report and "No best.pt" in report
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 2 and state["model_name"] == "densenet_bc_fmnist"
     model = moderncnn.load_model(run)
@@ -73,31 +76,28 @@ def test_alternating_flip_run_names_it_in_the_report(data_dir, tmp_path):
     assert "augmentation crop+altflip (alternating flip)" in report
 
 
-def _interrupt_at_step(monkeypatch, n):
-    calls = {"n": 0}
-    real_loss = engine._loss
+class CtrlCAtStep(Callback):
+    """Presses Ctrl-C during the n-th optimizer step of the run (1-based)."""
 
-    def loss_then_ctrl_c(*args):
-        calls["n"] += 1
-        if calls["n"] == n:
+    def __init__(self, n):
+        self.n, self.steps = n, 0
+
+    def on_step_end(self, run, state, step):
+        self.steps += 1
+        if self.steps == self.n:
             signal.raise_signal(signal.SIGINT)
-        return real_loss(*args)
-
-    monkeypatch.setattr(engine, "_loss", loss_then_ctrl_c)
-    return real_loss
 
 
 def test_resume_at_epoch_boundary_gives_same_result(data_dir, tmp_path, monkeypatch):
     straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
-    real_loss = _interrupt_at_step(monkeypatch, 6)  # the last step of epoch 1 (384 / 64 = 6 steps)
-    with pytest.raises(engine.TrainingInterrupted):
-        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2))
+    with pytest.raises(TrainingInterrupted):  # at the last step of epoch 1 (384 / 64 = 6 steps)
+        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2), callbacks=[CtrlCAtStep(6)])
     state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
     assert (state["epoch"], state["step"]) == (0, 6)
-    monkeypatch.setattr(engine, "_loss", real_loss)
     resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), progress=False)
     for key in ("train_loss", "test_loss", "test_acc"):
-        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-6)
+        assert getattr(resumed.history[-1], key) == pytest.approx(getattr(straight.history[-1], key), rel=1e-5,
+                                                                 abs=1e-6)
     a = load_checkpoint(tmp_path / "a" / "run" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["model"]
     for k in a:
@@ -111,25 +111,24 @@ def test_resume_extends_a_finished_run(data_dir, tmp_path):
     with pytest.raises(ValueError, match="already finished 1 epochs"):
         moderncnn.train(resume=str(tmp_path / "run"), progress=False)
     longer = moderncnn.train(resume=str(tmp_path / "run"), epochs=2, progress=False)
-    assert [r["epoch"] for r in longer.history] == [1, 2]
+    assert [r.epoch for r in longer.history] == [1, 2]
     with pytest.raises(ValueError, match="already holds a run"):
         moderncnn.train(**tiny(data_dir, tmp_path, epochs=1))
 
 
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     straight = moderncnn.train(**tiny(data_dir, tmp_path / "a", epochs=2))
-    real_loss = _interrupt_at_step(monkeypatch, 8)  # the 8th step of 12: mid-way through epoch 2
-    with pytest.raises(engine.TrainingInterrupted) as stop:
-        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2))
+    with pytest.raises(TrainingInterrupted) as stop:  # the 8th step of 12: mid-way through epoch 2
+        moderncnn.train(**tiny(data_dir, tmp_path / "b", epochs=2), callbacks=[CtrlCAtStep(8)])
     assert stop.value.exit_code == 130
     assert "resume with: moderncnn train --resume" in str(stop.value)
     state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
     assert (state["epoch"], state["step"]) == (1, 2)
-    monkeypatch.setattr(engine, "_loss", real_loss)
     resumed = moderncnn.train(resume=str(tmp_path / "b" / "run"), progress=False)
     assert len(resumed.history) == 2
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-6)
+        assert getattr(resumed.history[-1], key) == pytest.approx(getattr(straight.history[-1], key), rel=1e-5,
+                                                                 abs=1e-6)
 
 
 def test_sigint_in_subprocess_exits_130_and_resumes(data_dir, tmp_path):
@@ -170,18 +169,26 @@ def test_sigterm_exits_143(data_dir, tmp_path):
     assert load_checkpoint(tmp_path / "term" / "last.pt")["model_name"] == "densenet_bc_fmnist"
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_loss = engine._loss
-    calls = {"n": 0}
+class NanLossAtStep(Callback):
+    """Makes the model's loss hook return NaN at the n-th training step (1-based)."""
 
-    def nan_in_epoch_two(*args):
-        calls["n"] += 1
-        logits, loss = real_loss(*args)
-        return logits, loss * float("nan") if calls["n"] == 9 else loss
+    def __init__(self, n):
+        self.n, self.calls = n, 0
 
-    monkeypatch.setattr(engine, "_loss", nan_in_epoch_two)
+    def on_train_start(self, run, state):
+        contract_loss = run.model.loss
+
+        def loss(outputs, target, criterion):
+            self.calls += 1
+            logits, value = contract_loss(outputs, target, criterion)
+            return logits, value * float("nan") if self.calls == self.n else value
+
+        run.model.loss = loss
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 3"):
-        moderncnn.train(**tiny(data_dir, tmp_path, epochs=3))
+        moderncnn.train(**tiny(data_dir, tmp_path, epochs=3), callbacks=[NanLossAtStep(9)])
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -195,7 +202,7 @@ def test_huge_learning_rate_is_reported(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    moderncnn.train(**tiny(data_dir, out, epochs=1))
+    moderncnn.train(**tiny(data_dir, out, epochs=1, val_split=64))
     return out / "run"
 
 
@@ -268,7 +275,7 @@ def test_predict_on_png_files(trained_run, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith(str(tmp_path)) for line in lines)
     model = moderncnn.load_model(trained_run)
-    from moderncnn.train.predict import predict_files
+    from moderncnn.predict import predict_files
     top = predict_files(str(trained_run), paths, top_k=1)
     with torch.no_grad():
         x = (test.images[:3].float() / 255 - state["normalization"]["mean"][0]) / state["normalization"]["std"][0]
@@ -279,7 +286,7 @@ def test_predict_on_png_files(trained_run, tmp_path, capsys):
 def test_predict_unreadable_image(trained_run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    from moderncnn.train.predict import predict_files
+    from moderncnn.predict import predict_files
     with pytest.raises(ValueError, match="bad.png: unreadable image"):
         predict_files(str(trained_run), [str(bad)])
 
@@ -335,8 +342,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_train_cli_has_every_flag():
-    from moderncnn.cli import _register_commands, build_parser
-    _register_commands()
+    from moderncnn.cli import build_parser
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for flag in ["--model", "--dataset", "--data-dir", "--image-size", "--epochs", "--batch-size", "--lr",
                  "--optimizer", "--schedule", "--warmup", "--weight-decay", "--label-smoothing", "--ema",
@@ -355,7 +361,7 @@ def test_d2l_recipe_runs_with_xavier_and_no_augmentation(data_dir, tmp_path):
 
 
 def test_model_args_are_python_literals():
-    from moderncnn.train.cli import parse_model_args
+    from moderncnn.cli import parse_model_args
     assert parse_model_args(["small_input=True", "drop_rate=0.2", "block_config=(4, 8, 8)", "style=d2l"]) == {
         "small_input": True, "drop_rate": 0.2, "block_config": (4, 8, 8), "style": "d2l"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
@@ -375,8 +381,8 @@ def test_predict_preprocesses_files_exactly_as_training(tmp_path):
                     model_kwargs={"small_input": True}, epochs=1, batch_size=4, out=str(tmp_path), name="r",
                     progress=False)
     from moderncnn.data import Loader, load_dataset
-    from moderncnn.train.predict import predict_files
-    state = load_checkpoint(tmp_path / "r" / "best.pt")
+    from moderncnn.predict import predict_files
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
     test = load_dataset("imagefolder", root=str(tmp_path / "imgs"), split="test", image_size=32)
     loader = Loader(test, 64, train=False, image_size=32, mean=state["normalization"]["mean"],
                     std=state["normalization"]["std"])
@@ -395,25 +401,23 @@ def test_predict_preprocesses_files_exactly_as_training(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_autocast_dtype_follows_the_hardware(monkeypatch, native):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert engine.autocast_dtype(False, cpu) is None
-    assert engine.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert train_setup.autocast_dtype(False, cpu) is None
+    assert train_setup.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
     if native:
-        assert engine.autocast_dtype(True, cpu) == torch.bfloat16
+        assert train_setup.autocast_dtype(True, cpu) == torch.bfloat16
     else:
         with pytest.raises(ValueError, match="AVX512-BF16 or AMX.*--no-amp or --amp auto"):
-            engine.autocast_dtype(True, cpu)
+            train_setup.autocast_dtype(True, cpu)
 
 
 def test_amp_flag_takes_auto_and_refuses_other_values():
-    from moderncnn.cli import _register_commands, build_parser
-    from moderncnn.train.cli import config_from_args
-    _register_commands()
+    from moderncnn.cli import build_parser, config_from_args
     parser = build_parser()
     for argv, want in [(["--amp"], True), (["--amp", "auto"], "auto"), (["--no-amp"], False), ([], False)]:
-        cfg, explicit = config_from_args(parser.parse_args(["train", *argv]))
-        assert cfg.amp == want and (("amp" in explicit) == bool(argv)), argv
+        values, explicit = config_from_args(parser.parse_args(["train", *argv]))
+        assert TrainConfig.from_dict(values).amp == want and (("amp" in explicit) == bool(argv)), argv
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--amp", "yes"])
     with pytest.raises(ValueError, match="amp must be"):
@@ -423,14 +427,14 @@ def test_amp_flag_takes_auto_and_refuses_other_values():
 
 
 def test_bfloat16_run_on_the_cpu_records_its_precision(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)  # oneDNN emulates it where it is not
+    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: True)  # oneDNN emulates it where it is not
     result = moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp=True))
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["precision"] == "bfloat16 autocast"
     assert json.loads((run / "config.json").read_text())["precision"] == "bfloat16 autocast"
     assert "bfloat16 autocast |" in (run / "report.md").read_text()
     assert result.final_acc > 0.2  # learns in bfloat16 (chance is 0.1)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: False)
     moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp="auto", name="fp32"))
     assert json.loads((tmp_path / "fp32" / "summary.json").read_text())["precision"] == "float32"
     with pytest.raises(ValueError, match="needs bfloat16 in hardware"):

@@ -7,8 +7,8 @@ from torch import nn
 
 import moderncnn
 from moderncnn.train import TrainConfig, resolve_config
-from moderncnn.train.engine import evaluate, tta_logits, tta_views
-from moderncnn.train.init import first_conv, whiten_first_conv
+from moderncnn.train.init import whiten_first_conv
+from moderncnn.train.loop import evaluate, tta_logits, tta_views
 
 from helpers import make_mnist
 
@@ -90,8 +90,7 @@ def test_tta_and_init_are_validated():
 
 
 def test_tta_flag_alone_is_flip_and_takes_a_level():
-    from moderncnn.cli import _register_commands, build_parser
-    _register_commands()
+    from moderncnn.cli import build_parser
     parser = build_parser()
     assert parser.parse_args(["train", "--tta"]).tta == 1
     assert parser.parse_args(["train", "--tta", "2"]).tta == 2
@@ -108,8 +107,9 @@ def test_whitened_first_conv_decorrelates_patches():
     mean, std = [0.5, 0.5, 0.5], [0.1, 0.1, 0.1]
     conv = nn.Conv2d(3, 64, 3, bias=False)
     model = nn.Sequential(conv, nn.ReLU())
+    model.first_conv = "0"  # the model contract's name of the first convolution
     before = conv.weight[54:].clone()
-    assert whiten_first_conv(model, images, mean, std) is conv and first_conv(model) is conv
+    assert whiten_first_conv(model, images, mean, std) is conv
     x = (images.float() / 255 - 0.5) / 0.1
     out = nn.functional.conv2d(x, conv.weight[:27]).transpose(0, 1).reshape(27, -1)
     cov = torch.cov(out.double())
@@ -125,5 +125,6 @@ def test_whiten_init_trains_and_rejects_grouped_convs(tmp_path):
                              batch_size=64, out=str(tmp_path), name="run", progress=False, init="whiten")
     assert result.config.init == "whiten" and 0 <= result.final_acc <= 1
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
+    grouped.first_conv = "0"
     with pytest.raises(ValueError, match="groups=1"):
         whiten_first_conv(grouped, torch.zeros(4, 4, 8, 8, dtype=torch.uint8), [0.0] * 4, [1.0] * 4)

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .cli import _EXTRA_COMMANDS, _parse_size
+from .runs import peak_memory_mb
 
 __all__ = ["run_benchmark", "torchvision_counterpart", "has_torchvision_counterpart", "make_step", "measure"]
 
@@ -129,11 +129,7 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
         seconds = min(seconds, time.perf_counter() - start)
     result = {"impl": impl, "model": name, "mode": mode, "images_per_second": steps * batch / seconds,
               "batch": batch, "device": str(dev)}
-    if dev.type == "cuda":
-        result["peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    else:
-        import resource
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mb"] = peak_memory_mb(dev)
     return result
 
 
@@ -224,26 +220,3 @@ def _format_row(r: Dict) -> str:
         lines.append(f"  {'torchvision eval()':34s} {r['tv_eval']['images_per_second']:8.1f}")
     line("moderncnn optimize_for_inference", opt, ref=r.get("tv_eval"), memory=False)
     return "\n".join(lines)
-
-
-def cmd_bench(args) -> int:
-    run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
-                  args.amp, args.channels_last, repeats=args.repeats)
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="speed and memory side by side with torchvision")
-    p.add_argument("--models", default="densenet121,densenet_bc_100,resnet18")
-    p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default 1x96x96)")
-    p.add_argument("--batch", type=int, default=64, help="training batch (default 64)")
-    p.add_argument("--eval-batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with AVX512-BF16 or AMX)")
-    p.add_argument("--channels-last", action="store_true")
-    p.set_defaults(func=cmd_bench)
-
-
-_EXTRA_COMMANDS.append(register)

@@ -1,12 +1,18 @@
 """Command line: ``moderncnn models|summary|train|eval|predict|compare|bench|export``.
 
-Thin by design: each sub-command parses its arguments and calls the Python API.
+Thin by design: each command parses its arguments and calls the Python API. :data:`COMMANDS` is the whole
+table; the train flags are the fields of :class:`~moderncnn.runs.TrainConfig`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from .runs import TrainConfig
+
+__all__ = ["main", "build_parser", "COMMANDS", "config_from_args", "add_train_arguments"]
 
 
 def _parse_size(text: str):
@@ -17,7 +23,118 @@ def _parse_size(text: str):
         raise argparse.ArgumentTypeError(f"expected a size like 1x96x96, got {text!r}") from None
 
 
+def _budget(text: str) -> float:
+    from .train.budget import parse_budget
+    try:
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _amp_choice(value: str):
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"--amp takes no value or 'auto', got {value!r}")
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown_defaults() -> Dict[str, str]:
+    """Each train flag's default as the help shows it: the value the default recipe resolves to."""
+    from .train.config import RECIPES, resolve_config
+    resolved = resolve_config(TrainConfig())
+    shown = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(resolved, f.name)
+        text = "none" if value is None or value == {} else str(value).lower() if isinstance(value, bool) else str(value)
+        shown[f.name] = text + (" in the fast recipe" if f.name in RECIPES["fast"] else "")
+    return shown
+
+
+def _special_flags(p, name: str, help: str) -> bool:
+    """The fields whose flags are not plain values; True where ``name`` was one."""
+    if name == "model_kwargs":
+        p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE", help=help)
+        p.add_argument("--memory-efficient", action="store_true", default=None,
+                       help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
+    elif name == "amp":
+        p.add_argument("--amp", nargs="?", const=True, default=None, type=_amp_choice, metavar="auto", help=help)
+        p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 throughout")
+    elif name == "tta":
+        p.add_argument("--tta", type=int, nargs="?", const=1, default=None, metavar="LEVEL", help=help)
+    elif name == "budget":
+        p.add_argument("--budget", type=_budget, default=None, metavar="TIME", help=help)
+    elif name == "pretrained":
+        p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE", help=help)
+    else:
+        return False
+    return True
+
+
+def add_train_arguments(p: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) -> None:
+    """One flag per :class:`TrainConfig` field (default None: the recipe decides), with its help and the
+    default it resolves to."""
+    from .train.config import INITS, OPTIMIZERS, SCHEDULES
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS}
+    kinds = {"int": int, "float": float, "str": str}
+    defaults = _shown_defaults()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        help = f"{f.metadata['help']} (default: {defaults[f.name]})".replace("%", "%%")
+        if _special_flags(p, f.name, help):
+            continue
+        kind = str(f.type).replace("Optional[", "").rstrip("]")
+        if kind == "bool":
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            p.add_argument(_flag(f.name), type=kinds.get(kind, str), choices=choices.get(f.name), default=None,
+                           help=help)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="replay a run's config.json, or read a recipe JSON file of training options; flags given "
+                        "here win (default: none)")
+
+
+def parse_model_args(items) -> dict:
+    """["small_input=True", "drop_rate=0.2", "block_config=(4,8,8)"] -> {...} (Python literals, else strings)."""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def config_from_args(args) -> Tuple[Dict[str, Any], Set[str]]:
+    """(training options, the fields the user set): ``--config`` FILE's options, then the flags given."""
+    from .train.config import load_config_file
+    values: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "model_kwargs":
+            values[f.name] = value
+    kwargs = parse_model_args(getattr(args, "model_arg", None) or [])
+    if getattr(args, "memory_efficient", None):
+        kwargs["memory_efficient"] = True
+    if kwargs:
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **kwargs}
+    return values, set(values)
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+def _models_arguments(p):
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'densenet*' (default: *)")
+
+
 def cmd_models(args) -> int:
+    import torch
     from .models import create_model, list_models
     from .report.summary import count_parameters
     names = list_models(args.pattern)
@@ -25,21 +142,25 @@ def cmd_models(args) -> int:
         pretrained = set(list_models(args.pattern, pretrained=True))
     except ImportError:
         pretrained = set()
-    import torch
-    # Each model as its constructor builds it by default (ImageNet networks: 1000 classes, RGB 224x224;
-    # CIFAR/Fashion-MNIST networks: 10 classes at 32x32 or 28x28/96x96).
     print(f"{'model':18s} {'params':>12s} {'classes':>8s}  {'default input':>13s}  {'min input':>9s}  pretrained")
     for name in names:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = create_model(name)
         side = model.min_input_size[1]
-        mark = "yes" if name in pretrained else ""
         default = "x".join(map(str, model.default_input_size))
         print(f"{name:18s} {count_parameters(model):>12,d} {model.num_classes:>8d}  {default:>13s}  "
-              f"{f'{side}x{side}':>9s}  {mark}")
-        del model
+              f"{f'{side}x{side}':>9s}  {'yes' if name in pretrained else ''}")
     print(f"{len(names)} models")
     return 0
+
+
+def _summary_arguments(p):
+    p.add_argument("model")
+    p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default: 1x96x96)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--depth", type=int, default=None, help="nesting depth to list, 1: block by block (default: all)")
+    p.add_argument("--small-input", action="store_true", help="build the small-image (CIFAR) stem (default: off)")
 
 
 def cmd_summary(args) -> int:
@@ -47,59 +168,138 @@ def cmd_summary(args) -> int:
     from .report.summary import summary
     size = args.input
     if len(size) == 1:
-        size = (args.in_chans or 3, size[0], size[0])
+        size = (3, size[0], size[0])
     if len(size) != 3:
-        raise SystemExit(f"--input must be CxHxW (e.g. 1x96x96), got {'x'.join(map(str, size))}")
+        raise ValueError(f"--input must be CxHxW (e.g. 1x96x96), got {'x'.join(map(str, size))}")
     kwargs = {"small_input": True} if args.small_input else {}
     model = create_model(args.model, num_classes=args.classes, in_chans=size[0], **kwargs)
     print(summary(model, (args.batch, *size), depth=args.depth))
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainingInterrupted, train
+    values, explicit = config_from_args(args)
+    try:
+        train(TrainConfig.from_dict(values), explicit=explicit)
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+def _eval_arguments(p):
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--dataset", default=None, help="another dataset's test split (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="where that dataset is (default: the run's)")
+    p.add_argument("--subset", type=int, default=None, help="at most N test images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
+    p.add_argument("--tta", type=int, nargs="?", const=1, default=0, metavar="LEVEL",
+                   help="test-time augmentation: 1 (the flag alone) flip, 2 flip + one-pixel shifts (default: 0)")
+    p.add_argument("--device", default="auto", help="(default: auto)")
+
+
+def cmd_eval(args) -> int:
+    from .predict import evaluate_checkpoint
+    r = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.subset, args.batch_size, args.tta,
+                            args.device)
+    print(f"{r.model} on {r.dataset} test ({r.images:,} images, {r.checkpoint.name}): test accuracy: "
+          f"{r.accuracy:.4f}  loss: {r.loss:.4f}")
+    return 0
+
+
+def _predict_arguments(p):
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3, help="(default: 3)")
+    p.add_argument("--device", default="cpu", help="(default: cpu)")
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_files
+    for path, top in predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device):
+        print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
+    return 0
+
+
+def _compare_arguments(p):
+    p.add_argument("--models", required=True, help="comma-separated model names")
+    add_train_arguments(p, skip=("model", "resume", "name", "out", "progress"))
+    p.add_argument("--out", default="runs", help="parent directory of the comparison (default: runs)")
+    p.add_argument("--name", default=None, help="comparison directory name (default: time-compare-dataset)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+    values, _ = config_from_args(args)
+    compare(args.models.split(","), out=args.out, name=args.name, progress=args.progress, **values)
+    return 0
+
+
+def _bench_arguments(p):
+    p.add_argument("--models", default="densenet121,densenet_bc_100,resnet18",
+                   help="(default: densenet121,densenet_bc_100,resnet18)")
+    p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default: 1x96x96)")
+    p.add_argument("--batch", type=int, default=64, help="training batch (default: 64)")
+    p.add_argument("--eval-batch", type=int, default=128, help="(default: 128)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round (default: 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts "
+                                                            "(default: 3)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with AVX512-BF16 or AMX)")
+    p.add_argument("--channels-last", action="store_true", help="(default: off)")
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_benchmark
+    run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
+                  args.amp, args.channels_last, repeats=args.repeats)
+    return 0
+
+
+def _export_arguments(p):
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
+    p.add_argument("--output", default=None, help="file to write (default: model.onnx / model.pt beside the run)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+
+
+def cmd_export(args) -> int:
+    from .export import export
+    path = export(args.source, args.format, args.output, args.opset)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+# name -> (help, argument builder, handler)
+COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
+    "models": ("list the registered models with parameter counts", _models_arguments, cmd_models),
+    "summary": ("layer-by-layer shapes, parameters, FLOPs and activation memory", _summary_arguments, cmd_summary),
+    "train": ("train a model (default: a small DenseNet-BC on Fashion-MNIST)", add_train_arguments, cmd_train),
+    "eval": ("test accuracy of a trained run or checkpoint", _eval_arguments, cmd_eval),
+    "predict": ("top-k classes for image files", _predict_arguments, cmd_predict),
+    "compare": ("train several models alike and write one comparison report", _compare_arguments, cmd_compare),
+    "bench": ("speed and memory side by side with torchvision", _bench_arguments, cmd_bench),
+    "export": ("export a trained model to ONNX or TorchScript", _export_arguments, cmd_export),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="moderncnn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="moderncnn", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"moderncnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("models", help="list the registered models with parameter counts")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'densenet*'")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("summary", help="layer-by-layer shapes, parameters, FLOPs and activation memory")
-    p.add_argument("model")
-    p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default 1x96x96)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--depth", type=int, default=None, help="nesting depth to list (1: block by block)")
-    p.add_argument("--small-input", action="store_true", help="build the small-image (CIFAR) stem")
-    p.add_argument("--in-chans", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_summary)
-
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for name, (help, arguments, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        p.set_defaults(func=handler)
     return parser
 
 
-# Sub-commands living in other modules add themselves here (train, eval, predict, compare, bench, export).
-_EXTRA_COMMANDS: List = []
-
-
-def _register_commands() -> None:
-    # Importing a command's module appends its registration function to _EXTRA_COMMANDS (once).
-    import importlib
-    for module in ("train.cli", "compare", "bench", "export"):
-        try:
-            importlib.import_module(f"moderncnn.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"moderncnn.{module}":
-                raise
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    _register_commands()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -109,12 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        if getattr(args, "debug", False):
+    except (ValueError, OSError, RuntimeError) as exc:
+        if args.debug:
             raise
-        print(f"moderncnn {args.command}: error: {exc}", file=sys.stderr)
+        print(f"moderncnn {args.command}: error: {str(exc).strip()}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .cli import _EXTRA_COMMANDS
+from .checkpoint import write_text_atomic
 from .models.inference import fold_batchnorm
-from .train.checkpoint import write_text_atomic
+from .runs import ModelSpec, build_model, read_checkpoint, resolve_checkpoint
 
 __all__ = ["export", "export_model", "FORMATS"]
 
@@ -78,38 +78,21 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int
             torch.onnx.export(model, (example,), str(path), **kwargs)
 
 
+
+
 def export(source, fmt: str = "onnx", output: Optional[str] = None, opset: int = 17) -> Path:
-    """Export a run directory (its best.pt) or a checkpoint; by default next to it as model.onnx/model.pt."""
-    from .train.checkpoint import load_checkpoint, resolve_checkpoint
-    from .train.engine import build_model_from_checkpoint
+    """Export a run directory (the checkpoint it evaluates with: best.pt where validation chose one, else
+    last.pt) or a checkpoint file; by default next to it as model.onnx / model.pt."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     ckpt = resolve_checkpoint(source)
-    state = load_checkpoint(ckpt)
-    model = build_model_from_checkpoint(state, str(ckpt))
+    state = read_checkpoint(ckpt)
+    spec = ModelSpec.from_dict(state)
+    model = build_model(state, str(ckpt))
     path = Path(output) if output else ckpt.parent / f"model{FORMATS[fmt]}"
     if path.resolve() in {ckpt.resolve(), (ckpt.parent / "last.pt").resolve(), (ckpt.parent / "best.pt").resolve()}:
         raise ValueError(f"{path}: would overwrite a checkpoint; choose another --output")
-    norm = state.get("normalization", {})
-    meta = {"model_name": state["model_name"], "in_chans": state["in_chans"], "image_size": state["image_size"],
-            "mean": norm.get("mean"), "std": norm.get("std"), "classes": state.get("classes"),
-            "native_size": state.get("native_size"),
+    meta = {"model_name": spec.model_name, "in_chans": spec.in_chans, "image_size": spec.image_size,
+            "mean": spec.mean, "std": spec.std, "classes": spec.classes, "native_size": spec.native_size,
             "checkpoint": str(ckpt)}
-    return export_model(model, path, fmt, (state["in_chans"], state["image_size"], state["image_size"]), meta,
-                        opset)
-
-
-def cmd_export(args) -> int:
-    path = export(args.source, args.format, args.output, args.opset)
-    print(f"wrote {path} and {path.with_suffix('.json')}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript")
-    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
-    p.add_argument("--output", default=None, help="file to write (default: model.onnx / model.pt beside the run)")
-    p.add_argument("--opset", type=int, default=17)
-    p.set_defaults(func=cmd_export)
-
-
-_EXTRA_COMMANDS.append(register)
+    return export_model(model, path, fmt, (spec.in_chans, spec.image_size, spec.image_size), meta, opset)

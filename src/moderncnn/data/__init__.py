@@ -1,7 +1,7 @@
 """Data: readers that put whole datasets in memory, and the batched on-device loader."""
-from .datasets import (DATASETS, DatasetError, ImageDataset, load_dataset, normalization_stats, read_cifar10,
-                       read_idx, read_image_folder, search_paths, write_idx)
+from .datasets import (DATASETS, DatasetError, ImageDataset, has_validation_folder, load_dataset,
+                       normalization_stats, read_cifar10, read_idx, read_image_folder, search_paths, write_idx)
 from .loader import Augment, Loader
 
 __all__ = ["DATASETS", "DatasetError", "ImageDataset", "load_dataset", "normalization_stats", "read_cifar10",
-           "read_idx", "read_image_folder", "search_paths", "write_idx", "Augment", "Loader"]
+           "read_idx", "read_image_folder", "search_paths", "write_idx", "Augment", "Loader", "has_validation_folder"]

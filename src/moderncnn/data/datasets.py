@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["DatasetError", "ImageDataset", "load_dataset", "DATASETS", "search_paths", "read_idx", "write_idx",
-           "read_cifar10", "read_image_folder", "normalization_stats"]
+           "read_cifar10", "read_image_folder", "normalization_stats", "has_validation_folder"]
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -53,7 +53,7 @@ class ImageDataset:
         labels: int64 tensor N.
         classes: class names, index = label.
         name: dataset name ("fashion-mnist", "imagefolder", ...).
-        split: "train" or "test".
+        split: "train", "test", or "val" (image folders with a ``val/`` folder: the validation set).
         source: where it was read from.
     """
 
@@ -63,7 +63,6 @@ class ImageDataset:
     name: str
     split: str = "train"
     source: str = ""
-    extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -92,8 +91,41 @@ class ImageDataset:
             return self
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        return ImageDataset(self.images[idx], self.labels[idx], self.classes, self.name, self.split,
-                            self.source, dict(self.extra))
+        return self.take(idx)
+
+    def take(self, index: torch.Tensor, split: Optional[str] = None) -> "ImageDataset":
+        """The samples at ``index`` (in that order), as split ``split`` (default: this one's)."""
+        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name, split or self.split,
+                            self.source)
+
+    def split_validation(self, size: float, seed: int = 0) -> Tuple["ImageDataset", "ImageDataset"]:
+        """(training, validation): a seeded, class-stratified hold-out of ``size`` samples (a count), or of
+        that share of them (a fraction below 1). Every class gives its share (largest remainders), and
+        must keep at least one training sample."""
+        n = len(self)
+        if not size > 0:
+            raise DatasetError(f"val_split must be positive (a count, or a fraction below 1), got {size:g}")
+        total = int(round(size * n)) if size < 1 else int(size)
+        if not 0 < total < n:
+            raise DatasetError(f"val_split {size:g} holds out {total} of the {n:,} training images; "
+                               f"it must leave some in each set")
+        counts = torch.bincount(self.labels, minlength=self.num_classes)
+        share = counts.double() * total / n
+        quota = share.floor().long()
+        by_remainder = torch.argsort(share - quota, descending=True, stable=True)
+        quota[by_remainder[:total - int(quota.sum())]] += 1
+        starved = [(self.classes[c], int(counts[c])) for c in range(self.num_classes) if counts[c] and quota[c] >= counts[c]]
+        if starved:
+            name, count = starved[0]
+            raise DatasetError(f"val_split {size:g} leaves no training image in class {name!r} ({count} image"
+                               f"{'s' if count != 1 else ''}); hold out fewer")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        ranked = order[torch.argsort(self.labels[order], stable=True)]  # by class, shuffled within each
+        starts = torch.cumsum(counts, 0) - counts
+        held = torch.cat([ranked[s:s + q] for s, q in zip(starts.tolist(), quota.tolist())])
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        return self.take(keep.nonzero().flatten()), self.take(held.sort().values, split="val")
 
     def __repr__(self) -> str:
         return (f"ImageDataset({self.name!r}, split={self.split!r}, n={len(self)}, shape={self.image_shape}, "
@@ -385,7 +417,7 @@ def read_image_folder(directory: Path, image_size=None, channels: Optional[int] 
         try:
             cached = torch.load(cache_file, map_location="cpu", weights_only=True)
             return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), "imagefolder",
-                                split_name, str(directory), {"cache": str(cache_file)})
+                                split_name, str(directory))
         except Exception:  # a damaged cache is rebuilt, never trusted
             cache_file.unlink(missing_ok=True)
     if channels is None or size is None:
@@ -437,8 +469,10 @@ def load_dataset(name: str, root: Optional[str] = None, split: str = "train", do
         val_fraction: image folders without train/ and test/: hold out this seeded fraction as "test".
     """
     name = canonical_name(name)
-    if split not in ("train", "test"):
-        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    if split == "val" and name != "imagefolder":
+        raise DatasetError(f"{name} has no validation split of its own; hold one out with val_split")
+    if split not in ("train", "test", "val"):
+        raise DatasetError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "imagefolder":
         return _load_image_folder(root, split, image_size, channels, val_fraction, seed)
     paths = search_paths(name, root)
@@ -477,6 +511,11 @@ def _download(name: str, target: Path) -> None:
         raise DatasetError(f"downloading {name} into {target} failed: {exc}") from None
 
 
+def has_validation_folder(root) -> bool:
+    """Whether an image-folder dataset brings its own validation set (``root/val`` beside ``root/train``)."""
+    return bool(root) and (Path(root).expanduser() / "train").is_dir() and (Path(root).expanduser() / "val").is_dir()
+
+
 def _load_image_folder(root, split, image_size, channels, val_fraction, seed) -> ImageDataset:
     if not root:
         raise _not_found("imagefolder", [])
@@ -484,6 +523,11 @@ def _load_image_folder(root, split, image_size, channels, val_fraction, seed) ->
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found")
     split_dir = root / split
+    if split == "val":
+        if not ((root / "train").is_dir() and split_dir.is_dir()):
+            raise DatasetError(f"{root}: no val/ folder beside train/")
+        return read_image_folder(split_dir, image_size, channels, split_name="val",
+                                 classes=_list_class_folders(root / "train")[0])
     if (root / "train").is_dir() and val_fraction is None:
         classes = None
         if split == "test":
@@ -501,5 +545,4 @@ def _load_image_folder(root, split, image_size, channels, val_fraction, seed) ->
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(len(full) * fraction)))
     idx = (perm[:n_test] if split == "test" else perm[n_test:]).sort().values
-    return ImageDataset(full.images[idx], full.labels[idx], full.classes, "imagefolder", split, full.source,
-                        {"val_fraction": fraction})
+    return ImageDataset(full.images[idx], full.labels[idx], full.classes, "imagefolder", split, full.source)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .datasets import ImageDataset, normalization_stats
 
-__all__ = ["Augment", "Loader", "random_crop", "random_flip", "random_erasing", "resize", "crop_flip_gather"]
+__all__ = ["Augment", "Loader", "random_erasing", "resize", "crop_flip_gather"]
 
 
 @dataclass(frozen=True)
@@ -64,28 +64,6 @@ class Augment:
     @property
     def enabled(self) -> bool:
         return bool(self.crop_padding or self.flip or self.erasing)
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "reflect") -> torch.Tensor:
-    """Pad each image by ``padding`` and cut it back to its size at an independent random offset."""
-    if padding <= 0:
-        return x
-    n, c, h, w = x.shape
-    pad_mode = "reflect" if mode == "reflect" and padding < min(h, w) else "constant"
-    padded = F.pad(x, (padding,) * 4, mode=pad_mode)
-    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """Mirror each image left-right with probability ``p``."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
 def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.25,

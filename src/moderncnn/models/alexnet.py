@@ -52,11 +52,14 @@ class AlexNet(ImageClassifier):
         self.avgpool = nn.AdaptiveAvgPool2d((pooled_size, pooled_size))
         self.classifier = mlp_head(c5 * pooled_size * pooled_size, hidden, num_classes, dropout, dropout_first)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+    first_conv = "features.0"
+    classifier_name = "classifier.6"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 @register_model

@@ -53,10 +53,15 @@ class CSPResNet(ImageClassifier):
         self.num_features = channels
         init_kaiming(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        return self.head(self.stages(self.stem(x)))
+    first_conv = "stem.0"
+    classifier_name = "head.fc"
+    head_names = ("head",)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
 
 
 @register_model

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import CSPStage, ImageClassifier
+from .layers import CSPStage, ImageClassifier, init_kaiming
 from .registry import register_model
 
 __all__ = ["DenseNet", "DenseBlock", "Transition", "densenet_d2l", "densenet40", "densenet_bc_100",
@@ -348,16 +348,8 @@ class DenseNet(ImageClassifier):
         self.features.add_module(f"norm{len(block_config) + 1}", nn.BatchNorm2d(channels))
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.first_conv = "features.conv0a" if stem_width else "features.conv0"
+        init_kaiming(self, mode="fan_in")  # torchvision's initialisation
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -372,14 +364,13 @@ class DenseNet(ImageClassifier):
                 m.memory_efficient = enabled
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = F.relu(self.features(x), inplace=True)
-        out = torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
-        return self.classifier(out)
+        return F.relu(self.features(x), inplace=True)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
 
 
 def _per_block(growth_rate, num_blocks: int) -> tuple:

@@ -143,6 +143,7 @@ class GoogLeNet(ImageClassifier):
                 self.maxpool3 = make_pool(pool)
             elif name == "inception4e":
                 self.maxpool4 = make_pool(last_pool)
+        self.head_names = ("fc", "aux1", "aux2") if aux_logits else ("fc",)
         if aux_logits:
             self.aux1: Optional[InceptionAux] = InceptionAux(512, num_classes, dropout_aux)
             self.aux2: Optional[InceptionAux] = InceptionAux(528, num_classes, dropout_aux)
@@ -168,9 +169,11 @@ class GoogLeNet(ImageClassifier):
             x = torch.cat((x_ch0, x_ch1, x_ch2), 1)
         return x
 
-    def forward(self, x: torch.Tensor):
-        if not torch.jit.is_scripting():
-            self.check_input(x)
+    first_conv = "conv1.conv"
+    classifier_name = "fc"
+
+    def _stages(self, x: torch.Tensor):
+        """The feature map, and the auxiliary heads' logits in training (else None)."""
         x = self._transform_input(x)
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
@@ -180,11 +183,35 @@ class GoogLeNet(ImageClassifier):
         x = self.inception4d(self.inception4c(self.inception4b(x)))
         aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
         x = self.maxpool4(self.inception4e(x))
-        x = self.inception5b(self.inception5a(x))
-        x = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        return self.inception5b(self.inception5a(x)), aux1, aux2
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stages(x)[0]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+    def forward(self, x: torch.Tensor):
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        x, aux1, aux2 = self._stages(x)
+        x = self.forward_head(x)
         if aux1 is not None and aux2 is not None:
             return GoogLeNetOutputs(x, aux2, aux1)
         return x
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        for aux in (self.aux1, self.aux2):
+            if aux is not None:
+                aux.fc2 = nn.Linear(aux.fc2.in_features, num_classes).to(aux.fc2.weight.device)
+
+    def loss(self, outputs, target: torch.Tensor, criterion):
+        """Training outputs with auxiliary logits add 0.3x their losses (the paper's weight)."""
+        if isinstance(outputs, tuple):
+            logits = outputs[0]
+            return logits, criterion(logits, target) + 0.3 * sum(criterion(aux, target) for aux in outputs[1:])
+        return outputs, criterion(outputs, target)
 
 
 @register_model

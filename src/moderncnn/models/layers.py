@@ -1,8 +1,9 @@
 """The few pieces every model family shares.
 
-* :class:`ImageClassifier` -- the base class: ``num_classes``, ``in_chans``, ``default_input_size``,
-  ``min_input_size`` and the "input too small" check that runs before any layer can fail with a
-  shape error.
+* :class:`ImageClassifier` -- the base class and the model contract every family keeps (timm's):
+  ``forward_features``, ``forward_head``, ``get_classifier``, ``reset_classifier``, ``first_conv``, the
+  ``loss`` hook, ``num_classes``, ``in_chans``, ``default_input_size``, ``min_input_size`` and the "input
+  too small" check that runs before any layer can fail with a shape error.
 * :func:`min_input_size` -- the smallest square input a stack of down-sampling layers accepts.
 * :func:`conv_bn_act` and :class:`ClassifierHead` -- the conv-BN-ReLU unit and the pooled linear head.
 * :func:`init_kaiming` -- the initialisation torchvision uses for its ResNets and DenseNets.
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence, Tuple
+from typing import Callable, Iterable, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ __all__ = [
     "init_kaiming",
     "mlp_head",
     "CSPStage",
+    "replace_submodule",
 ]
 
 # One spatial down-sampling step: (kernel, stride, padding, ceil_mode).
@@ -67,11 +69,22 @@ def min_input_size(steps: Iterable[Downsample], limit: int = 4096) -> int:
 
 
 class ImageClassifier(nn.Module):
-    """Base of every moderncnn model.
+    """Base of every moderncnn model, and the contract fine-tuning and the trainer rely on.
 
     Subclasses call ``super().__init__(num_classes, in_chans, steps, default_size)`` where ``steps`` lists
-    their spatial down-sampling layers in order; the minimum input size follows from them.
+    their spatial down-sampling layers in order; the minimum input size follows from them. They define
+    :meth:`forward_features` and :meth:`forward_head` and name their parts:
+
+    * ``first_conv``: dotted name of the first convolution (adapted to ``in_chans`` by pretrained weights,
+      set to a whitening basis by ``init="whiten"``);
+    * ``classifier_name``: dotted name of the final linear layer (:meth:`get_classifier`);
+    * ``head_names``: the top-level modules that form the classifier head, trained alone by
+      ``--freeze-backbone`` and at a higher learning rate when fine-tuning.
     """
+
+    first_conv: str = "conv1"
+    classifier_name: str = "classifier"
+    head_names: Tuple[str, ...] = ("classifier",)
 
     def __init__(self, num_classes: int, in_chans: int, steps: Sequence[Downsample], default_size: int):
         super().__init__()
@@ -85,6 +98,34 @@ class ImageClassifier(nn.Module):
         self.min_input_size = (in_chans, side, side)
         self.default_input_size = (in_chans, max(default_size, side), max(default_size, side))
         self.model_name = type(self).__name__.lower()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map before the head (N x C x h x w)."""
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`forward_features`' output (pooling, dropout, classifier)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self.check_input(x)
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.classifier_name)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised classifier for ``num_classes`` classes (fine-tuning on new labels)."""
+        old = self.get_classifier()
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        replace_submodule(self, self.classifier_name, new)
+        self.num_classes = num_classes
+
+    def loss(self, outputs, target: torch.Tensor, criterion: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) of a training forward pass; models with auxiliary outputs add their losses here."""
+        return outputs, criterion(outputs, target)
 
     def set_default_input_size(self, side: int) -> "ImageClassifier":
         """The image side the variant is meant for (28 for Fashion-MNIST nets, 96 for d2l's ResNet/DenseNet);
@@ -102,13 +143,18 @@ class ImageClassifier(nn.Module):
         channels, side = self.min_input_size[0], self.min_input_size[1]
         if x.shape[1] != channels:
             raise ValueError(f"{self.model_name} was built for {channels}-channel images, got {x.shape[1]} channels")
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        if h < side or w < side:
-            raise InputTooSmallError(
-                f"{self.model_name} needs inputs of at least {side}x{side} pixels; got {h}x{w}. "
-                f"Resize the images (e.g. --image-size {side}) or build the model with small_input=True "
-                f"where it has that option."
-            )
+        self.check_input_size(int(x.shape[-2]), int(x.shape[-1]))
+
+    def check_input_size(self, height: int, width: int, source: str = "", remedy: str = "") -> None:
+        """Fail with :class:`InputTooSmallError` naming the minimum size when ``height x width`` is below it.
+        ``source`` says where the size came from, ``remedy`` what to change (default: resize or small_input)."""
+        side = self.min_input_size[1]
+        if height >= side and width >= side:
+            return
+        remedy = remedy or (f"Resize the images (e.g. --image-size {side}) or build the model with "
+                            f"small_input=True where it has that option.")
+        raise InputTooSmallError(f"{self.model_name} needs inputs of at least {side}x{side} pixels; "
+                                 f"{source or 'got'} {height}x{width}. {remedy}")
 
 
 def _compiling() -> bool:
@@ -142,11 +188,12 @@ class ClassifierHead(nn.Module):
         return self.fc(self.drop(self.flatten(self.pool(x))))
 
 
-def init_kaiming(module: nn.Module, linear_std: float | None = None) -> None:
-    """He-normal convolutions (fan_out), unit/zero norms, and zero linear biases (torchvision's rule)."""
+def init_kaiming(module: nn.Module, linear_std: float | None = None, mode: str = "fan_out") -> None:
+    """He-normal convolutions, unit/zero norms, zero linear biases and, given ``linear_std``, normal linear
+    weights: torchvision's rule for ResNet and VGG (fan_out) and DenseNet (fan_in)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
@@ -196,3 +243,10 @@ class CSPStage(nn.Module):
         x = self.down(x)
         part, bypass = x[:, : self.split], x[:, self.split:]
         return self.fuse(torch.cat([self.blocks(part), bypass], 1))
+
+
+def replace_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``dotted`` (e.g. ``"head.fc"``) is."""
+    *path, last = dotted.split(".")
+    parent = model.get_submodule(".".join(path)) if path else model
+    setattr(parent, last, new)

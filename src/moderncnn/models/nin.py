@@ -43,10 +43,22 @@ class NiN(ImageClassifier):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        return torch.flatten(self.pool(self.features(x)), 1)
+    # No linear layer: the last NiN block has one channel per class and is the classifier.
+    first_conv = "features.0.0"
+    classifier_name = "features.7"
+    head_names = ("features.7",)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[:-1](x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features[-1](x)), 1)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        old = self.features[-1]
+        self.features[-1] = _nin_block(old[0].in_channels, num_classes, kernel_size=3, stride=1, padding=1).to(
+            old[0].weight.device)
+        self.num_classes = num_classes
 
 
 @register_model

@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 from urllib.error import URLError
 
 import torch
 from torch import nn
 
-__all__ = ["has_pretrained", "create_pretrained", "weights_url", "classifier_names", "freeze_backbone",
-           "PretrainedError", "adapt_first_conv"]
+from .layers import replace_submodule
+
+__all__ = ["has_pretrained", "create_pretrained", "weights_url", "freeze_backbone", "PretrainedError",
+           "adapt_first_conv", "keep_frozen_norms_in_eval"]
 
 # moderncnn name -> torchvision builder name (the same network, the same state-dict keys).
 _TORCHVISION = {n: n for n in ["alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn",
@@ -87,29 +89,6 @@ def _load_local(path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def classifier_names(model: nn.Module) -> List[str]:
-    """Top-level modules forming the classifier head (trained first / alone when fine-tuning)."""
-    names = [n for n in ("fc", "classifier", "head") if isinstance(getattr(model, n, None), nn.Module)]
-    names += [n for n in ("aux1", "aux2") if isinstance(getattr(model, n, None), nn.Module)]
-    return names
-
-
-def _last_linear(module: nn.Module):
-    found = None
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear):
-            found = name
-    return found
-
-
-def _replace(module: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent = module
-    *path, last = dotted.split(".")
-    for p in path:
-        parent = getattr(parent, p)
-    setattr(parent, last, new)
-
-
 @torch.no_grad()
 def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """RGB filters -> ``in_chans`` filters (sum for 1; repeat and rescale by 3/in_chans otherwise)."""
@@ -121,8 +100,26 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
+def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
+    conv = model.get_submodule(model.first_conv)
+    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None)
+    new.weight.data.copy_(adapt_first_conv(conv.weight.data, in_chans))
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.data)
+    replace_submodule(model, model.first_conv, new)
+    model.in_chans = in_chans
+    model.min_input_size = (in_chans, *model.min_input_size[1:])
+    model.default_input_size = (in_chans, *model.default_input_size[1:])
+    if getattr(model, "transform_input", False):
+        model.transform_input = False
+
+
 def create_pretrained(name: str, build: Callable[..., nn.Module], pretrained, num_classes: int = 1000,
                       in_chans: int = 3, **kwargs) -> nn.Module:
+    """``build``'s model with ImageNet (``pretrained=True``) or local weights, adapted through the model
+    contract: a new classifier (``reset_classifier``) for another class count, and the first convolution
+    (``first_conv``) for another channel count."""
     if pretrained is True:
         if not has_pretrained(name):
             raise PretrainedError(f"no ImageNet weights for {name}; models with weights: "
@@ -134,40 +131,20 @@ def create_pretrained(name: str, build: Callable[..., nn.Module], pretrained, nu
     else:
         state = _load_local(pretrained)
         cfg = None
-    first = next((k for k, v in state.items() if k.endswith("weight") and v.dim() == 4), None)
-    source_chans = state[first].shape[1] if first else in_chans
-    head_key = None
-    model = build(num_classes=num_classes, in_chans=source_chans, **kwargs)
-    # The checkpoint's classifier size decides the model we load into; a different one is replaced below.
-    head_linear = _last_linear(model)
-    if head_linear and f"{head_linear}.weight" in state:
-        head_key = head_linear
-        ckpt_classes = state[f"{head_linear}.weight"].shape[0]
-        if ckpt_classes != num_classes:
-            model = build(num_classes=ckpt_classes, in_chans=source_chans, **kwargs)
+    with torch.device("meta"):  # only its names: no memory, no initialisation cost
+        probe = build(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    first, head = f"{probe.first_conv}.weight", f"{probe.classifier_name}.weight"
+    source_chans = state[first].shape[1] if first in state else in_chans
+    # The weights' own classifier size decides the model they load into; a different one is replaced below.
+    source_classes = state[head].shape[0] if head in state else num_classes
+    model = build(num_classes=source_classes, in_chans=source_chans, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PretrainedError(f"weights do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if head_key is not None and model.num_classes != num_classes:
-        for head in [head_key] + [f"{aux}.fc2" for aux in ("aux1", "aux2") if getattr(model, aux, None) is not None]:
-            old = model.get_submodule(head)
-            fresh = nn.Linear(old.in_features, num_classes)
-            _replace(model, head, fresh)
-        model.num_classes = num_classes
+    if source_classes != num_classes:
+        model.reset_classifier(num_classes)
     if in_chans != source_chans:
-        conv_name = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-        conv = model.get_submodule(conv_name)
-        new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                        bias=conv.bias is not None)
-        new.weight.data.copy_(adapt_first_conv(conv.weight.data, in_chans))
-        if conv.bias is not None:
-            new.bias.data.copy_(conv.bias.data)
-        _replace(model, conv_name, new)
-        model.in_chans = in_chans
-        model.min_input_size = (in_chans, *model.min_input_size[1:])
-        model.default_input_size = (in_chans, *model.default_input_size[1:])
-        if getattr(model, "transform_input", False):
-            model.transform_input = False
+        _adapt_first_conv(model, in_chans)
     if cfg is not None:
         if in_chans != 3:  # one grey channel stands for the mean of the RGB statistics
             cfg = dict(cfg, mean=[sum(cfg["mean"]) / 3] * in_chans, std=[sum(cfg["std"]) / 3] * in_chans)
@@ -175,9 +152,10 @@ def create_pretrained(name: str, build: Callable[..., nn.Module], pretrained, nu
     return model
 
 
-def freeze_backbone(model: nn.Module, head_names: List[str]) -> str:
-    """Freeze everything but the head: no gradients, and BatchNorm layers kept in eval mode (their
-    running statistics stay as trained). Returns a one-line description for the report."""
+def freeze_backbone(model: nn.Module) -> str:
+    """Freeze everything but the head (``model.head_names``): no gradients, and BatchNorm layers kept in
+    eval mode (their running statistics stay as trained). Returns a one-line description for the report."""
+    head_names = list(model.head_names)
     prefixes = tuple(f"{h}." for h in head_names)
     frozen = trained = 0
     for name, p in model.named_parameters():

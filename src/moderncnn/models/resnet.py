@@ -153,10 +153,11 @@ class ResNet(ImageClassifier):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        x = self.forward_features(x)
+    first_conv = "conv1"
+    classifier_name = "fc"
+    head_names = ("fc",)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 

@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import ImageClassifier, mlp_head
+from .layers import ImageClassifier, init_kaiming, mlp_head
 from .registry import register_model
 
 __all__ = ["VGG", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vgg_d2l"]
@@ -50,22 +50,16 @@ class VGG(ImageClassifier):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = mlp_head(channels * 7 * 7, hidden, num_classes, dropout)
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_kaiming(self, linear_std=0.01)  # torchvision's initialisation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+    first_conv = "features.0"
+    classifier_name = "classifier.6"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 def _vgg(arch: str, batch_norm: bool, num_classes: int, in_chans: int, **kwargs) -> VGG:

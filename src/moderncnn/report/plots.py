@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -11,45 +11,57 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["scored", "plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix"]
+from ..runs import EpochRecord  # noqa: E402
+
+__all__ = ["scored", "plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix", "plot_comparison_curves",
+           "plot_tradeoff"]
 
 
-def scored(history: List[Dict[str, float]]) -> List[Dict[str, float]]:
-    """The rows of epochs that scored the test set (``--eval-every`` leaves the others without test figures)."""
-    return [row for row in history if row.get("test_acc") is not None]
+def scored(history: Sequence[EpochRecord]) -> List[EpochRecord]:
+    """The epochs that scored the test set (``--eval-every`` leaves the others without test figures)."""
+    return [row for row in history if row.scored]
 
 
-def plot_curves(history: List[Dict[str, float]], path: Path, title: str = "", label_smoothing: float = 0.0) -> Path:
-    """Loss and accuracy against epochs (d2l's Animator picture, split into two panels).
+def _plot_split(ax_loss, ax_acc, rows: Sequence[EpochRecord], split: str, marker: str) -> None:
+    rows = [r for r in rows if getattr(r, f"{split}_acc") is not None]
+    if rows:
+        epochs = [r.epoch for r in rows]
+        ax_loss.plot(epochs, [getattr(r, f"{split}_loss") for r in rows], marker, label=f"{split} loss")
+        ax_acc.plot(epochs, [getattr(r, f"{split}_acc") for r in rows], marker, label=f"{split} acc")
+
+
+def plot_curves(history: Sequence[EpochRecord], path: Path, title: str = "", label_smoothing: float = 0.0,
+                chosen_epoch: Optional[int] = None) -> Path:
+    """Loss and accuracy against epochs (d2l's Animator picture, split into two panels): training,
+    validation (where the run held one out) and test. ``chosen_epoch`` marks best.pt's epoch.
 
     With label smoothing the training loss is the smoothed loss the optimizer sees, which cannot fall to
     the plain cross-entropy of the test set; the legend says so."""
-    epochs = [row["epoch"] for row in history]
+    epochs = [row.epoch for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     train_label = f"train loss (label smoothing {label_smoothing:g})" if label_smoothing else "train loss"
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label=train_label)
-    tested = scored(history)
-    ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "s--", label="test loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train acc")
-    ax_acc.plot([r["epoch"] for r in tested], [r["test_acc"] for r in tested], "s--", label="test acc")
+    ax_loss.plot(epochs, [r.train_loss for r in history], "o-", label=train_label)
+    ax_acc.plot(epochs, [r.train_acc for r in history], "o-", label="train acc")
+    _plot_split(ax_loss, ax_acc, history, "val", "^-.")
+    _plot_split(ax_loss, ax_acc, history, "test", "s--")
     # Epochs scored with test-time augmentation (the last one, where a recipe asks for it) get their own
     # marker: the step up there is the augmentation's, not one more epoch's learning.
-    tta_rows = [r for r in history if r.get("tta")]
+    tta_rows = [r for r in history if r.tta and r.scored]
     if tta_rows:
-        levels = sorted({int(r["tta"]) for r in tta_rows})
-        ax_acc.plot([r["epoch"] for r in tta_rows], [r["test_acc"] for r in tta_rows], "*", color="C3",
+        levels = sorted({int(r.tta) for r in tta_rows})
+        ax_acc.plot([r.epoch for r in tta_rows], [r.test_acc for r in tta_rows], "*", color="C3",
                     markersize=12, label=f"test acc with TTA (level {', '.join(map(str, levels))})")
-        ax_loss.plot([r["epoch"] for r in tta_rows], [r["test_loss"] for r in tta_rows], "*", color="C3",
+        ax_loss.plot([r.epoch for r in tta_rows], [r.test_loss for r in tta_rows], "*", color="C3",
                      markersize=12, label="test loss with TTA")
-    best = max(tested, key=lambda r: r["test_acc"])
-    ax_acc.annotate(f"{best['test_acc']:.4f}", (best["epoch"], best["test_acc"]), textcoords="offset points",
+    final = scored(history)[-1]
+    ax_acc.annotate(f"{final.test_acc:.4f}", (final.epoch, final.test_acc), textcoords="offset points",
                     xytext=(0, -14), ha="center", fontsize=8)
+    if chosen_epoch:
+        ax_acc.axvline(chosen_epoch, color="0.5", linestyle=":", label=f"best.pt (epoch {chosen_epoch}, on val)")
     ax_loss.legend()
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
-    ax_acc.legend(loc="lower right")
+    ax_acc.legend(loc="lower right", fontsize=8)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if len(epochs) <= 20:
@@ -127,6 +139,56 @@ def plot_confusion(labels: torch.Tensor, predictions: torch.Tensor, classes: Seq
     acc = np.trace(cm) / max(total, 1)
     ax.set_title(f"confusion matrix ({total:,} test images, accuracy {acc:.4f})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison_curves(histories: Sequence[Tuple[str, Sequence[EpochRecord]]], path: Path, title: str) -> Path:
+    """Test accuracy per epoch of several runs, one line each."""
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories:
+        rows = scored(history)  # --eval-every leaves some epochs without test figures
+        ax.plot([r.epoch for r in rows], [r.test_acc for r in rows], "o-", label=name, markersize=3)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(points: Sequence[Tuple[str, float, float, float]], path: Path, title: str) -> Path:
+    """Final test accuracy against FLOPs per image and against training time: (name, flops, seconds, acc)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from .summary import human
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, column, label in ((axes[0], 1, "FLOPs per image"), (axes[1], 2, "training time, s")):
+        for point in points:
+            ax.scatter(point[column], point[3], s=30)
+            ax.annotate(point[0], (point[column], point[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        values = [p[column] for p in points if p[column] > 0]
+        # A log axis only where the costs span a decade; within one, matplotlib labels its minor ticks
+        # (1.5x10^2, 1.6x10^2, ...) on top of each other.
+        wide = bool(values) and max(values) >= 10 * min(values)
+        if wide:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v, spec='.3g')))  # 240M, 150
+        ax.margins(x=0.12)  # room for the labels of the outermost points
+        ax.set_xlabel(label + (" (log scale)" if wide else ""))
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

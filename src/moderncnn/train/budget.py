@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Dict, List, Optional
+import time
+from typing import Callable, Dict, List, Optional
 
+import torch
+
+from ..runs import EpochRecord, TrainConfig
 from .config import evaluates_after, train_side
+from .optim import LRSchedule
 
-__all__ = ["parse_budget", "EpochPlanner", "TTA_VIEWS"]
+__all__ = ["parse_budget", "EpochPlanner", "TrainingPlan", "TTA_VIEWS"]
 
 # Forward passes per test image at each TTA level (see engine.tta_views).
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}
@@ -101,15 +106,14 @@ class EpochPlanner:
             self.eval_seconds, self.eval_warm = seconds, warm
 
     def record_history(self, history) -> None:
-        """The times of finished epochs (rows of a checkpoint's history: seconds, images_per_second,
-        train_images, train_size, tta)."""
+        """The times of finished epochs (a run's :class:`~moderncnn.runs.EpochRecord` list)."""
         for i, row in enumerate(history):
-            if row.get("train_images") and row.get("images_per_second"):
-                train_time = row["train_images"] / row["images_per_second"]
-                self.record_train(int(row.get("train_size") or self.full_side), train_time, int(row["train_images"]))
+            if row.train_images and row.images_per_second:
+                train_time = row.train_images / row.images_per_second
+                self.record_train(int(row.train_size or self.full_side), train_time, int(row.train_images))
                 # A TTA evaluation costs several plain ones; an epoch without one has no test figures.
-                if not row.get("tta") and row.get("test_acc") is not None:
-                    self.record_eval(row["seconds"] - train_time, warm=i > 0)
+                if not row.tta and row.scored:
+                    self.record_eval(row.seconds - train_time, warm=i > 0)
 
     def side(self, epoch: int, epochs: int) -> int:
         return train_side(epoch, epochs, self.full_side, self.progressive_size, self.progressive_fraction)
@@ -179,3 +183,105 @@ class EpochPlanner:
         if self.predicted_seconds(current, committed, spent) > self.budget + quarter_epoch:
             return self.fit(committed, spent, self.budget)
         return max(committed * self.steps_per_epoch, current)
+
+
+class TrainingPlan:
+    """How many steps a run takes, and the learning-rate schedule that ends with them.
+
+    Without a time budget the plan is ``cfg.epochs`` whole epochs. With one, an :class:`EpochPlanner`
+    prices the epochs from measured times and the plan is remade after the first ten timed steps and after
+    every epoch; the schedule (and progressive resizing) follow it. ``agree`` turns one process's plan into
+    the plan of every process (rank 0's under torchrun).
+    """
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, image_size: int, train_images: int,
+                 eval_images: int, agree: Callable[[int], int] = int):
+        self.cfg, self.steps_per_epoch, self.image_size = cfg, int(steps_per_epoch), int(image_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.lr_shape = LRSchedule(cfg.schedule, self.total_steps, int(round(cfg.warmup * self.steps_per_epoch)))
+        self.planner: Optional[EpochPlanner] = None
+        if cfg.budget:
+            self.planner = EpochPlanner(cfg.budget, cfg.epochs, image_size, cfg.progressive_size,
+                                        cfg.progressive_fraction, train_images=train_images,
+                                        test_images=eval_images, final_views=TTA_VIEWS[int(cfg.tta or 0)],
+                                        steps_per_epoch=steps_per_epoch, eval_every=cfg.eval_every)
+        self._agree = agree
+        self._evaluations_timed = 0
+        self._warm_from = None  # (time, step) where this epoch's timing started
+        self._early_step: Optional[int] = None
+
+    def lr_factor(self, step: int) -> float:
+        return self.lr_shape.factor(step, self.total_steps)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """A per-step scheduler whose length is this plan's, whatever it becomes."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of ``epoch`` in the plan (below a whole epoch for a budget's partial last one)."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def side(self, epoch: int) -> int:
+        cfg = self.cfg
+        return train_side(epoch, self.epochs, self.image_size, cfg.progressive_size, cfg.progressive_fraction)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        return evaluates_after(epoch, self.epochs, self.cfg.eval_every)
+
+    def _evaluation_seconds_after(self, epoch: int) -> float:
+        return self.planner.evaluation_seconds() if self.evaluates_after(epoch) else 0.0
+
+    def _replan(self, committed: int, spent: float, current: Optional[int] = None) -> None:
+        self.total_steps = int(self._agree(self.planner.plan(committed, spent, current)))
+
+    def start(self, start_epoch: int, history: List[EpochRecord]) -> None:
+        """Plan a new or resumed run (a resumed one from the epochs it has done)."""
+        if self.planner is not None:
+            self.planner.record_history(history)
+            self._replan(start_epoch + 1, sum(r.seconds for r in history))
+
+    def begin_epoch(self, first_step: int) -> None:
+        self._warm_from, self._early_step = None, None
+        if self.planner is not None and not self.planner.measured:
+            # An unmeasured run plans from its first ten timed steps, mid-epoch (too short an epoch: at its end).
+            early = min(first_step + 11, self.steps_per_epoch - 2)
+            self._early_step = early if early > first_step + 1 else None
+
+    def after_step(self, epoch: int, step: int, first_step: int, spent_before: float) -> bool:
+        """Time the epoch's steps; returns True where the plan changed. The clock starts after the first two
+        steps: on a GPU the first steps at a new size search cuDNN's kernels, a one-time cost."""
+        if self.planner is None:
+            return False
+        if step == first_step + 1:
+            self._warm_from = (time.perf_counter(), step)
+        if step != self._early_step:
+            return False
+        per_step = (time.perf_counter() - self._warm_from[0]) / (step - self._warm_from[1])
+        side = self.side(epoch)
+        self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images, provisional=True)
+        self._replan(epoch + 1, spent_before + self.planner.epoch_train_seconds(side)
+                     + self._evaluation_seconds_after(epoch))
+        return True
+
+    def end_epoch(self, epoch: int, side: int, train_time: float, seen: int, last_step: int,
+                  spent_before: float) -> None:
+        """Price the epoch just trained and plan again (its evaluation priced as the last one was)."""
+        if self.planner is None:
+            return
+        warm = self._warm_from
+        if warm is not None and last_step - warm[1] >= 2:
+            per_step = (time.perf_counter() - warm[0]) / (last_step - warm[1])
+            self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images)
+        else:
+            self.planner.record_train(side, train_time, seen)
+        self._replan(epoch + 1, spent_before + train_time + self._evaluation_seconds_after(epoch), self.total_steps)
+
+    def record_evaluation(self, seconds: float) -> None:
+        """A plain (no TTA) evaluation's time; the process's first carries one-time costs."""
+        if self.planner is not None:
+            self.planner.record_eval(seconds, warm=self._evaluations_timed > 0)
+            self._evaluations_timed += 1

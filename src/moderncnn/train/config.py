@@ -1,4 +1,4 @@
-"""Training configuration and named recipes.
+"""Named recipes and how a :class:`~moderncnn.runs.TrainConfig` is resolved against them.
 
 A field left ``None`` is filled from the recipe, then from :data:`DEFAULTS`; anything set explicitly
 (a CLI flag or a field passed to :func:`moderncnn.train`) wins over the recipe.
@@ -7,76 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple
+
+from ..runs import RunInfo, TrainConfig
 
 __all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "resolve_config", "recipe_names",
-           "train_side", "evaluates_after"]
-
-
-@dataclass
-class TrainConfig:
-    model: Optional[str] = None
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    download: bool = False
-    image_size: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    optimizer: Optional[str] = None
-    muon_lr: Optional[float] = None  # --optimizer muon: the conv filters' peak learning rate
-    momentum: Optional[float] = None
-    schedule: Optional[str] = None
-    warmup: Optional[float] = None
-    weight_decay: Optional[float] = None
-    label_smoothing: Optional[float] = None
-    ema: Optional[float] = None
-    grad_clip: Optional[float] = None
-    augment: Optional[str] = None
-    normalize: Optional[bool] = None
-    init: Optional[str] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    subset: Optional[int] = None
-    recipe: str = "fast"
-    seed: int = 0
-    device: str = "auto"
-    amp: Union[bool, str] = False  # bfloat16 autocast: True, "auto" (where the device has it in hardware), False
-    channels_last: bool = False
-    compile: bool = False
-    out: str = "runs"
-    name: Optional[str] = None
-    resume: Optional[str] = None
-    progress: bool = True
-    tta: Optional[int] = None  # test-time augmentation: 0 off, 1 (True) flip, 2 flip + one-pixel shifts
-    budget: Optional[float] = None
-    sync_bn: bool = False
-    pretrained: Any = False
-    freeze_backbone: bool = False
-    head_lr_mult: Optional[float] = None
-    val_fraction: Optional[float] = None
-    progressive_size: Optional[int] = None  # progressive resizing: first side (0 = off), see train_side()
-    progressive_fraction: Optional[float] = None
-    eval_every: Optional[int] = None  # test-set evaluation every N epochs and after the last (0: the last only)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+           "train_side", "evaluates_after", "load_config_file", "INITS"]
 
 
 DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
     augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
-    eval_every=1,
+    eval_every=1, channels_last=False,
 )
 
 # The most epochs a run with a time budget plans when --epochs is not given (a bound for the planner's
@@ -176,6 +121,7 @@ def _load_recipe(name: str) -> Dict[str, Any]:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe file holds one JSON object of training options")
+        TrainConfig.from_dict(data, f"recipe {path}")  # names an unknown field and the closest valid one
         return data
     raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())} or give a JSON file")
 
@@ -221,29 +167,79 @@ def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> Train
     return cfg
 
 
+INITS = ("xavier", "whiten")  # what --init takes
+
+# field -> (lowest, highest, whether each bound is allowed): numbers outside are refused before anything runs.
+_RANGES = {"lr": (0, math.inf, False, False), "muon_lr": (0, math.inf, False, False),
+           "momentum": (0, 1, True, False), "warmup": (0, math.inf, True, False),
+           "weight_decay": (0, math.inf, True, False), "label_smoothing": (0, 1, True, False),
+           "ema": (0, 1, True, False), "grad_clip": (0, math.inf, True, False),
+           "head_lr_mult": (0, math.inf, False, False), "progressive_fraction": (0, 1, False, True),
+           "budget": (0, math.inf, False, False), "val_split": (0, math.inf, False, False),
+           "val_fraction": (0, 1, False, False)}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (low, high, low_ok, high_ok) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            raise ValueError(f"{name} must be in {bounds}, got {value:g}")
+    for name in ("epochs", "batch_size", "image_size", "subset"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    if cfg.val_split is not None and cfg.val_split >= 1 and int(cfg.val_split) != cfg.val_split:
+        raise ValueError(f"val_split must be a count of images or a fraction below 1, got {cfg.val_split:g}")
+
+
 def _validate(cfg: TrainConfig) -> None:
+    _check_ranges(cfg)
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}, "
                          f"got {cfg.optimizer!r}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, got {cfg.schedule!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("epochs, batch_size and lr must be positive")
     if cfg.device not in ("auto", "cpu", "cuda", "mps") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu, cuda or mps, got {cfg.device!r}")
-    if cfg.budget is not None and not cfg.budget > 0:
-        raise ValueError(f"budget must be a positive number of seconds, got {cfg.budget!r}")
     if int(cfg.tta or 0) not in (0, 1, 2):
         raise ValueError(f"tta must be 0 (off), 1 (flip) or 2 (flip + one-pixel shifts), got {cfg.tta!r}")
-    if cfg.progressive_size < 0 or not 0 < cfg.progressive_fraction <= 1:
-        raise ValueError(f"progressive_size must be >= 0 and progressive_fraction in (0, 1], got "
-                         f"{cfg.progressive_size} and {cfg.progressive_fraction}")
+    if cfg.progressive_size < 0:
+        raise ValueError(f"progressive_size must be >= 0, got {cfg.progressive_size}")
     if cfg.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0 (0: evaluate after the last epoch only), got {cfg.eval_every}")
     if cfg.amp not in (True, False, "auto"):
         raise ValueError(f"amp must be true, false or \"auto\", got {cfg.amp!r}")
-    if cfg.init not in (None, "xavier", "whiten"):
+    if cfg.init not in (None, *INITS):
         raise ValueError(f"init must be xavier or whiten, got {cfg.init!r}")
+
+
+# Fields of a replayed run that describe where and how that run ran, not what it trained.
+_NOT_REPLAYED = ("resume", "name", "out", "progress")
+
+
+def load_config_file(path) -> Dict[str, Any]:
+    """Training options from ``path``: a run's own config.json (its resolved config) or a recipe JSON (a
+    flat object of options). Unknown fields fail naming the closest valid one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of training options")
+    if isinstance(data.get("config"), dict):  # a run's config.json
+        config = RunInfo.from_dict(data, str(path)).config
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+        return {k: v for k, v in values.items() if k not in _NOT_REPLAYED}
+    TrainConfig.from_dict(data, f"--config {path}")  # names an unknown field
+    return data
 
 
 def evaluates_after(epoch: int, epochs: int, eval_every: int) -> bool:

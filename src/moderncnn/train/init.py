@@ -8,9 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["INITS", "xavier_init", "whiten_first_conv", "first_conv"]
-
-INITS = ("xavier", "whiten")
+__all__ = ["xavier_init", "whiten_first_conv"]
 
 
 def xavier_init(model: nn.Module) -> None:
@@ -18,13 +16,6 @@ def xavier_init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight)
-
-
-def first_conv(model: nn.Module) -> nn.Conv2d:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m
-    raise ValueError(f"{type(model).__name__} has no Conv2d to whiten")
 
 
 @torch.no_grad()
@@ -37,7 +28,7 @@ def whiten_first_conv(model: nn.Module, images: torch.Tensor, mean: Sequence[flo
     that a following ReLU keeps both signs. Filters beyond ``2 * C * k * k`` keep their initialisation.
     The layer starts out decorrelating its input, which speeds up the first epochs of a short run.
     """
-    conv = first_conv(model)
+    conv = model.get_submodule(model.first_conv)
     if conv.groups != 1:
         raise ValueError("patch whitening needs a dense (groups=1) first convolution")
     kh, kw = conv.kernel_size

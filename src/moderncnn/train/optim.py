@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from .config import MUON_LR
 
-__all__ = ["param_groups", "build_optimizer", "describe_optimizer", "Muon", "orthogonalize", "LRSchedule",
-           "build_scheduler", "ema_warmup_fn"]
+__all__ = ["param_groups", "build_optimizer", "Muon", "orthogonalize", "LRSchedule", "build_scheduler",
+           "ema_warmup_fn"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
@@ -30,7 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                            "lr_mult": head_lr_mult if is_head else 1.0}
         groups[key]["params"].append(p)
-    return [{k: v for k, v in g.items() if k != "names"} for _, g in sorted(groups.items())]
+    return [g for _, g in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
@@ -48,16 +48,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def describe_optimizer(name: str, lr: float, momentum: float, muon_lr: float | None = None) -> str:
-    """``sgd lr 0.2 momentum 0.9``; under Muon both learning rates and which parameters take which."""
-    sgd = f"sgd lr {lr:g} momentum {momentum:g}"
-    if name == "sgd":
-        return sgd
-    if name == "muon":
-        return f"muon lr {muon_lr:g} (conv filters) + {sgd} (the rest)"
-    return f"{name} lr {lr:g}"
 
 
 def _split_filters(groups: List[dict], muon_lr: float) -> List[dict]:
@@ -201,9 +191,14 @@ class LRSchedule:
         self.kind, self.total, self.warmup = kind, max(1, total_steps), max(0, warmup_steps)
 
     def __call__(self, step: int) -> float:
+        return self.factor(step, self.total)
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """The factor at ``step`` of a schedule ``total_steps`` long (a time budget's plan changes it)."""
+        total = max(1, total_steps)
         if self.warmup and step < self.warmup:
             return 0.1 + 0.9 * step / self.warmup
-        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        t = min(1.0, (step - self.warmup) / max(1, total - self.warmup))
         if self.kind == "constant":
             return 1.0
         if self.kind == "cosine":

@@ -1,0 +1,120 @@
+"""Use a trained model: score it on a dataset's test split, or predict the classes of image files (with a
+run, a checkpoint or an exported ONNX model), with the training-time preprocessing (channels, size,
+mean/std)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .runs import ModelSpec, build_model, read_checkpoint, resolve_checkpoint
+
+__all__ = ["predict_files", "load_images", "evaluate_checkpoint", "Evaluation"]
+
+
+def load_images(paths: Sequence[str], channels: int, size: int, mean, std, native_size=None) -> torch.Tensor:
+    """Read image files exactly as training saw them: decoded and resized with PIL to the dataset's
+    stored size (``native_size``: 28x28 for Fashion-MNIST, the folder's image size for image folders),
+    then resized on tensors to ``size`` and normalised, as the loader does."""
+    from .data.datasets import DatasetError, _decode
+    from .data.loader import resize
+    native = tuple(native_size) if native_size else (size, size)
+    batch = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such image file")
+        try:
+            array = _decode(Path(path), channels, native)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        batch.append(torch.from_numpy(array.copy()))
+    x = resize(torch.stack(batch).float().div_(255), (size, size))
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Evaluation:
+    model: str
+    dataset: str
+    images: int
+    loss: float
+    accuracy: float
+    checkpoint: Path
+
+
+def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                        subset: Optional[int] = None, batch_size: int = 256, tta: int = 0,
+                        device: str = "auto") -> Evaluation:
+    """Test loss and accuracy of a run (the checkpoint it evaluates with) or a checkpoint file, on its own
+    dataset's test split or on ``dataset`` / ``data_dir``, preprocessed as in training."""
+    from .data import Loader, load_dataset
+    from .train.loop import evaluate
+    from .train.setup import pick_device
+    path = resolve_checkpoint(source)
+    state = read_checkpoint(path)
+    spec, config = ModelSpec.from_dict(state), state.get("config") or {}
+    device = pick_device(device)
+    model = build_model(state, str(path)).to(device)
+    dataset = dataset or spec.dataset or config.get("dataset")
+    kwargs = {}
+    if dataset == "imagefolder":
+        kwargs = dict(image_size=spec.image_size, val_fraction=config.get("val_fraction"),
+                      seed=config.get("seed", 0), channels=spec.in_chans)
+    test = load_dataset(dataset, root=data_dir or config.get("data_dir"), split="test", **kwargs)
+    if subset:
+        test = test.subset(subset, seed=config.get("seed", 0))
+    if list(test.classes) != list(spec.classes):
+        raise ValueError(f"{dataset} test classes {list(test.classes)} differ from the classes {path} was trained "
+                         f"on {list(spec.classes)}")
+    if test.images.shape[1] != spec.in_chans:
+        raise ValueError(f"{dataset} has {test.images.shape[1]}-channel images; the model was trained on "
+                         f"{spec.in_chans}-channel images")
+    loader = Loader(test, batch_size, train=False, image_size=spec.image_size, device=device, mean=spec.mean,
+                    std=spec.std)
+    loss, acc = evaluate(model, loader, tta=tta)
+    return Evaluation(spec.model_name, dataset, len(test), loss, acc, path)
+
+
+def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: str = "cpu"
+                  ) -> List[Tuple[str, List[Tuple[str, float]]]]:
+    """(path, [(class, probability), ...]) for each image, from a run directory, checkpoint or .onnx file."""
+    source_path = Path(source)
+    if source_path.suffix == ".onnx":
+        return _predict_onnx(source_path, images, top_k)
+    path = resolve_checkpoint(source)
+    state = read_checkpoint(path)
+    spec = ModelSpec.from_dict(state)
+    model = build_model(state, str(path)).to(device)
+    x = load_images(images, spec.in_chans, spec.image_size, spec.mean, spec.std, spec.native_size).to(device)
+    with torch.no_grad():
+        probs = model(x).softmax(1).cpu()
+    return _top(images, probs, spec.classes, top_k)
+
+
+def _top(images, probs: torch.Tensor, classes, top_k: int):
+    k = min(top_k, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [(str(p), [(classes[int(i)], float(v)) for v, i in zip(vs, idx)])
+            for p, vs, idx in zip(images, values, indices)]
+
+
+def _predict_onnx(path: Path, images, top_k: int):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("predicting with an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: missing (the preprocessing written beside the exported model)")
+    meta = json.loads(meta_path.read_text())
+    x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
+                    meta.get("native_size")).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    probs = torch.from_numpy(logits).softmax(1)
+    return _top(images, probs, meta["classes"], top_k)

@@ -1,0 +1,485 @@
+"""The run directory: what a training run writes and how everything else reads it.
+
+A run directory holds ``config.json`` (:class:`RunInfo`: the resolved :class:`TrainConfig`, the model and
+its preprocessing, the data sizes, the software), ``metrics.csv`` (one :class:`EpochRecord` per epoch),
+``summary.json`` (:class:`RunSummary`, written when the run ends), the checkpoints ``last.pt`` and, when the
+run held out a validation set, ``best.pt``, plus the plots and ``report.md``.
+
+Every file carries ``format_version``. Files of version 1 (written before validation splits existed) are
+migrated on reading; any other version fails with one line naming the file and both versions. Evaluation,
+prediction, export, the report and comparisons read runs only through :func:`load_run` and
+:func:`load_model`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, write_text_atomic
+
+__all__ = ["FORMAT_VERSION", "RunFormatError", "TrainConfig", "ModelSpec", "RunInfo", "EpochRecord", "RunSummary",
+           "Run", "load_run", "load_model", "build_model", "load_model_state", "resolve_checkpoint",
+           "read_checkpoint", "write_config", "write_metrics", "read_metrics", "write_summary", "run_name",
+           "software_versions", "peak_memory_mb", "METRIC_FIELDS", "check_version"]
+
+FORMAT_VERSION = 2
+
+
+class RunFormatError(ValueError):
+    """A run file of a format this version of moderncnn cannot read."""
+
+
+def _option(help: str, **cli) -> Any:
+    """A :class:`TrainConfig` field left to the recipe (``None``), with its command-line help."""
+    return field(default=None, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. A field left ``None`` is filled from the recipe, then from
+    the defaults (``train.config.resolve_config``); the command-line flags are these fields."""
+
+    model: Optional[str] = _option("registered model name")
+    dataset: str = field(default="fashion-mnist", metadata={"help": "fashion-mnist, mnist, cifar10 or imagefolder"})
+    data_dir: Optional[str] = _option("where the dataset is (image folders: DIR/train, DIR/test, optional DIR/val)")
+    download: bool = field(default=False, metadata={"help": "download the dataset if it is missing"})
+    image_size: Optional[int] = _option("resize images to this side (d2l: 96 or 224)")
+    epochs: Optional[int] = _option("number of epochs (with --budget: the most)")
+    batch_size: Optional[int] = _option("global batch size (all processes together)")
+    lr: Optional[float] = _option("peak learning rate (not rescaled for you)")
+    optimizer: Optional[str] = _option("muon: Muon for the conv filters, SGD (--lr) for the rest")
+    muon_lr: Optional[float] = _option("peak learning rate of the conv filters under --optimizer muon")
+    momentum: Optional[float] = _option("momentum (Nesterov for SGD and Muon)")
+    schedule: Optional[str] = _option("learning-rate schedule, stepped every batch")
+    warmup: Optional[float] = _option("linear warm-up length in epochs")
+    weight_decay: Optional[float] = _option("weight decay (not on norms and biases)")
+    label_smoothing: Optional[float] = _option("label smoothing of the cross-entropy loss")
+    ema: Optional[float] = _option("decay of an exponential moving average of the weights (0: off)")
+    grad_clip: Optional[float] = _option("clip the gradient norm to this (0: off)")
+    augment: Optional[str] = _option("none, crop, flip, crop+flip, crop+flip+erase; altflip in place of flip "
+                                     "flips each image every other epoch")
+    normalize: Optional[bool] = _option("normalise inputs with the training set's mean and std")
+    init: Optional[str] = _option("weight initialisation: xavier (d2l) or whiten (patch-whitening first conv)")
+    model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "constructor argument of the model, e.g. small_input=True (repeatable)"})
+    subset: Optional[int] = _option("use at most N train and N test images")
+    val_split: Optional[float] = _option("hold out a class-stratified validation set from the training images: "
+                                         "a count, or a fraction below 1; it chooses best.pt")
+    recipe: str = field(default="fast", metadata={"help": "a named recipe, or a JSON file of training options"})
+    seed: int = field(default=0, metadata={"help": "fixes data order, augmentation and initialisation"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    amp: Union[bool, str] = field(default=False, metadata={
+        "help": "bfloat16 autocast: --amp where the device has bfloat16 in hardware (else an error), "
+                "--amp auto there and fp32 elsewhere, --no-amp fp32"})
+    channels_last: Optional[bool] = _option("channels-last memory format")
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    out: str = field(default="runs", metadata={"help": "parent directory of run directories"})
+    name: Optional[str] = _option("run directory name (default: time-model-dataset)")
+    resume: Optional[str] = _option("continue the run in this directory from its last.pt")
+    progress: bool = field(default=True, metadata={"help": "progress bar (only when stdout is a terminal)"})
+    tta: Optional[int] = _option("test-time augmentation of the final evaluation: 1 (the flag alone) flip, "
+                                 "2 flip + one-pixel shifts, 0 off")
+    budget: Optional[float] = _option("train for about this long (90s, 10m, 1.5h or seconds): the epochs are "
+                                      "planned from measured times so the schedule ends with the budget")
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm under torchrun (CUDA)"})
+    pretrained: Any = field(default=False, metadata={
+        "help": "start from torchvision's ImageNet weights (the flag alone) or a local state-dict file"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "train the classifier only"})
+    head_lr_mult: Optional[float] = _option("learning-rate factor of the classifier (pretrained: 10)")
+    val_fraction: Optional[float] = _option("image folders without test/: the share held out as the test set")
+    progressive_size: Optional[int] = _option("progressive resizing: train the first epochs at this smaller side, "
+                                              "growing in 4-pixel steps to the full size (0: off)")
+    progressive_fraction: Optional[float] = _option("share of the epochs progressive resizing spends below the "
+                                                    "full size")
+    eval_every: Optional[int] = _option("score validation and test sets after every N-th epoch and after the "
+                                        "last (0: the last only)")
+
+    def describe_optimizer(self) -> str:
+        """``sgd lr 0.2 momentum 0.9``; under Muon both learning rates and which parameters take which."""
+        sgd = f"sgd lr {self.lr:g} momentum {self.momentum:g}"
+        if self.optimizer == "sgd":
+            return sgd
+        if self.optimizer == "muon":
+            return f"muon lr {self.muon_lr:g} (conv filters) + {sgd} (the rest)"
+        return f"{self.optimizer} lr {self.lr:g}"
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "training options") -> "TrainConfig":
+        """A config from plain data; an unknown field fails naming it and the closest valid one."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{source}: unknown field {key!r}{hint}")
+        return cls(**data)
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a trained model and feed it: the registered name, constructor arguments, classes and
+    the preprocessing training used (size, mean, std)."""
+
+    model_name: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    classes: List[str]
+    mean: List[float]
+    std: List[float]
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    native_size: Optional[List[int]] = None  # the dataset's stored image size (H, W)
+    dataset: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The flat keys a checkpoint and config.json carry."""
+        return {"model_name": self.model_name, "model_kwargs": dict(self.model_kwargs),
+                "num_classes": self.num_classes, "in_chans": self.in_chans, "classes": list(self.classes),
+                "image_size": self.image_size, "native_size": self.native_size,
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "dataset": self.dataset}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelSpec":
+        norm = data.get("normalization") or {}
+        channels = int(data["in_chans"])
+        return cls(model_name=data["model_name"], num_classes=int(data["num_classes"]), in_chans=channels,
+                   image_size=int(data["image_size"]), classes=[str(c) for c in data.get("classes") or []],
+                   mean=list(norm.get("mean") or [0.0] * channels), std=list(norm.get("std") or [1.0] * channels),
+                   model_kwargs=dict(data.get("model_kwargs") or {}),
+                   native_size=list(data["native_size"]) if data.get("native_size") else None,
+                   dataset=data.get("dataset") or "")
+
+
+@dataclass
+class RunInfo:
+    """config.json: the resolved config and what the run was made of."""
+
+    config: TrainConfig
+    spec: ModelSpec
+    params: int = 0
+    trainable_params: int = 0
+    flops_per_image: int = 0
+    train_images: int = 0
+    val_images: int = 0
+    test_images: int = 0
+    validation: str = ""  # where the validation set came from ("" without one)
+    frozen: str = ""
+    precision: str = "float32"
+    world_size: int = 1
+    versions: Dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"format_version": self.format_version, "config": dataclasses.asdict(self.config),
+               "resolved_from_recipe": self.config.recipe, "seed": self.config.seed, **self.spec.to_dict()}
+        out.update({k: getattr(self, k) for k in ("params", "trainable_params", "flops_per_image", "train_images",
+                                                  "val_images", "test_images", "validation", "frozen",
+                                                  "precision", "world_size", "versions")})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config.json") -> "RunInfo":
+        version = check_version(data.get("format_version", 1), source)
+        config = TrainConfig.from_dict(_migrate_config(data["config"], version), source)
+        kept = {k: data[k] for k in ("params", "trainable_params", "flops_per_image", "train_images", "val_images",
+                                     "test_images", "validation", "frozen", "precision", "world_size", "versions")
+                if data.get(k) is not None}
+        return cls(config=config, spec=ModelSpec.from_dict(data), **kept)
+
+
+def _migrate_config(config: Dict[str, Any], version: int) -> Dict[str, Any]:
+    return dict(config)  # version 1 lacks val_split: its default (None) is what those runs did
+
+
+def check_version(found, source) -> int:
+    """The file's format version, if this moderncnn reads it (the current one, or 1, which it migrates)."""
+    try:
+        found = int(found)
+    except (TypeError, ValueError):
+        found = -1
+    if found not in (1, FORMAT_VERSION):
+        from . import __version__
+        raise RunFormatError(f"{source}: format_version {found}, but moderncnn {__version__} reads format_version "
+                             f"{FORMAT_VERSION} (and migrates 1)")
+    return found
+
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
+                 "images_per_second", "tta", "train_size", "train_images", "format_version"]
+
+
+@dataclass
+class EpochRecord:
+    """One row of metrics.csv. Validation and test figures are ``None`` on epochs not scored
+    (``--eval-every``) and validation ones on runs without a validation set."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    lr: float
+    seconds: float
+    images_per_second: float
+    train_images: int = 0
+    train_size: int = 0  # the side trained at (below the full size under progressive resizing)
+    tta: int = 0  # the test-time augmentation level of this epoch's test figures
+    val_loss: Optional[float] = None
+    val_acc: Optional[float] = None
+    test_loss: Optional[float] = None
+    test_acc: Optional[float] = None
+
+    @property
+    def scored(self) -> bool:
+        return self.test_acc is not None
+
+    def to_row(self) -> Dict[str, Any]:
+        row = {k: getattr(self, k) for k in METRIC_FIELDS if k != "format_version"}
+        row = {k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        return {**row, "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_row(cls, row: Dict[str, Any]) -> "EpochRecord":
+        """From a metrics.csv row (strings) or a checkpoint's history entry; absent figures are None."""
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {}
+        for key, kind in kinds.items():
+            value = row.get(key)
+            if value in (None, ""):
+                continue
+            values[key] = int(float(value)) if kind in ("int", int) else float(value)
+        values.setdefault("train_images", 0)
+        return cls(**values)
+
+
+@dataclass
+class RunSummary:
+    """summary.json: the run's outcome. ``weights`` names the checkpoint evaluation uses (best.pt, chosen
+    on validation accuracy, or last.pt, the final weights, without a validation set)."""
+
+    model: str
+    dataset: str
+    recipe: str
+    final_acc: float  # the final weights' test accuracy
+    train_seconds: float
+    epochs_done: int
+    epochs_planned: int
+    params: int = 0
+    flops_per_image: int = 0
+    images_per_second: float = 0.0
+    peak_memory_mb: float = float("nan")
+    tta: int = 0
+    precision: str = "float32"
+    weights: str = "last.pt"
+    chosen_epoch: Optional[int] = None
+    chosen_val_acc: Optional[float] = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "summary.json") -> "RunSummary":
+        version = check_version(data.get("format_version", 1), source)
+        data = dict(data, format_version=FORMAT_VERSION)
+        if version == 1:  # its best_acc was chosen on the test set: not carried over
+            data.pop("best_acc", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_config(run_dir: Path, info: RunInfo) -> None:
+    write_text_atomic(Path(run_dir) / "config.json", json.dumps(info.to_dict(), indent=2, default=str) + "\n")
+
+
+def write_summary(run_dir: Path, summary: RunSummary) -> None:
+    write_text_atomic(Path(run_dir) / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+
+
+def write_metrics(path: Path, history: List[EpochRecord]) -> None:
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(r.to_row() for r in history)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> List[EpochRecord]:
+    """metrics.csv as records (a version-1 file, without validation columns, migrates)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows[:1]:
+        check_version(row.get("format_version") or 1, path)
+    return [EpochRecord.from_row(row) for row in rows]
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunFormatError(f"{path}: expected a JSON object")
+    return data
+
+
+@dataclass
+class Run:
+    """A run directory as read by :func:`load_run`."""
+
+    path: Path
+    info: RunInfo
+    history: List[EpochRecord]
+    summary: Optional[RunSummary] = None
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.info.config
+
+    @property
+    def weights_path(self) -> Path:
+        """The checkpoint to evaluate: best.pt (chosen on validation) where the run has one, else last.pt.
+        A version-1 run's best.pt was chosen on the test set, so its final weights are used instead."""
+        best = self.path / "best.pt"
+        if best.is_file() and self.info.format_version >= 2:
+            return best
+        return self.path / "last.pt"
+
+    @property
+    def final_acc(self) -> Optional[float]:
+        scored = [r for r in self.history if r.scored]
+        return scored[-1].test_acc if scored else None
+
+
+def load_run(path: Union[str, Path]) -> Run:
+    """Read a run directory's config.json, metrics.csv and (if the run finished) summary.json."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RunFormatError(f"{path}: not a run directory (no config.json)")
+    raw = _read_json(path / "config.json")
+    info = RunInfo.from_dict(raw, str(path / "config.json"))
+    info.format_version = int(raw.get("format_version", 1))
+    history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
+    summary = None
+    if (path / "summary.json").is_file():
+        summary = RunSummary.from_dict(_read_json(path / "summary.json"), str(path / "summary.json"))
+    return Run(path, info, history, summary)
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A run directory -> the checkpoint evaluation uses (:attr:`Run.weights_path`); a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            weights = load_run(path).weights_path
+        else:
+            weights = path / ("best.pt" if (path / "best.pt").is_file() else "last.pt")
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: no checkpoint ({weights.name}) in this run directory")
+        return weights
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    return path
+
+
+def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """A checkpoint file or a run's chosen one, version-checked (version 1 reads as it is)."""
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    check_version(state.get("format_version", 1), path)
+    return state
+
+
+def load_model_state(model: nn.Module, state: Dict[str, Any], source: str = "checkpoint",
+                     weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Load ``weights`` (default ``state['model']``) into ``model``, or explain which architecture the
+    checkpoint belongs to."""
+    weights = state["model"] if weights is None else weights
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shape = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or shape:
+        details = []
+        if shape:
+            details.append("shape differs for " + ", ".join(
+                f"{k} ({tuple(weights[k].shape)} vs {tuple(own[k].shape)})" for k in shape[:3]))
+        if missing:
+            details.append("missing " + ", ".join(missing[:3]))
+        if unexpected:
+            details.append("unexpected " + ", ".join(unexpected[:3]))
+        raise CheckpointError(f"{source} was trained with model {state.get('model_name', 'an unknown model')!r} "
+                              f"(num_classes={state.get('num_classes')}, in_chans={state.get('in_chans')}) and does "
+                              f"not fit {getattr(model, 'model_name', type(model).__name__)!r}: {'; '.join(details)}")
+    model.load_state_dict(weights)
+
+
+def _evaluated_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The weights a checkpoint's run evaluated: the EMA average where the run kept one, else the model."""
+    ema = state.get("ema")
+    if not ema:
+        return state["model"]
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+
+
+def build_model(state: Dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """The evaluated model of a checkpoint, in eval mode, carrying ``.classes`` and ``.preprocessing``."""
+    from .models import create_model
+    spec = ModelSpec.from_dict(state)
+    model = create_model(spec.model_name, num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.model_kwargs)
+    load_model_state(model, state, source, _evaluated_weights(state))
+    model.classes = list(spec.classes)
+    model.preprocessing = {"image_size": spec.image_size, "mean": spec.mean, "std": spec.std}
+    return model.eval()
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """A trained model from a run directory (best.pt where validation chose one, else the final weights
+    in last.pt) or a checkpoint file, in eval mode, carrying ``.classes`` and ``.preprocessing``."""
+    ckpt = resolve_checkpoint(path)
+    return build_model(read_checkpoint(ckpt), str(ckpt)).to(device)
+
+
+def run_name(model: str, dataset: str) -> str:
+    """A new run directory's default name: time, model, dataset."""
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{model}-{dataset}"
+
+
+def software_versions(device: Optional[torch.device] = None) -> Dict[str, str]:
+    """Python, torch, torchvision and moderncnn versions, the platform and the device, for run records."""
+    from . import __version__
+    info = {"python": platform.python_version(), "torch": torch.__version__, "moderncnn": __version__,
+            "platform": platform.platform(), "threads": str(torch.get_num_threads()), "cpus": str(os.cpu_count())}
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device is not None:
+        info["device"] = str(device)
+        info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else platform.processor() or platform.machine())
+    return info
+
+
+def peak_memory_mb(device: Union[str, torch.device] = "cpu") -> float:
+    """Peak memory of this process: CUDA's max allocated on a GPU, else the peak resident set size."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
