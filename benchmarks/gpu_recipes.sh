@@ -4,7 +4,7 @@
 #
 # Each run gets TRAIN_SECONDS of training and evaluation (--budget plans its epochs from measured times);
 # the exact training commands are printed. Everything lands in $OUT:
-# gpu_recipes.log (this script's output), one <run>.tar.gz per run (report, curves, metrics, best.pt,
+# gpu_recipes.log (this script's output), one <run>.tar.gz per run (report, curves, metrics, best.pt with --val-split,
 # training log) and bench.txt.
 #
 #   DATA=dir-with-cifar10-jpg.tar.gz-and-fashion-mnist/ OUT=/tmp/gpu bash benchmarks/gpu_recipes.sh

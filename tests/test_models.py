@@ -75,6 +75,51 @@ def test_forward_backward_min_size(name):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_model_contract(name):
+    """timm's contract on every model: features then head is the forward pass; the classifier, the first
+    convolution and the head are named; reset_classifier changes the classes; loss() gives the logits."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, in_chans=2).eval()
+    c, h, w = model.min_input_size
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.dim() == 4 and features.shape[0] == 2
+        torch.testing.assert_close(model.forward_head(features), model(x))
+    first = model.get_submodule(model.first_conv)
+    assert isinstance(first, nn.Conv2d) and first.in_channels == 2
+    assert first is next(m for m in model.modules() if isinstance(m, nn.Conv2d))  # really the first
+    classifier = model.get_classifier()
+    assert model.get_submodule(model.classifier_name) is classifier
+    assert all(isinstance(model.get_submodule(h), nn.Module) for h in model.head_names)
+    assert any(model.classifier_name == h or model.classifier_name.startswith(h + ".") for h in model.head_names)
+    model.reset_classifier(4)
+    assert model.num_classes == 4 and model.get_classifier() is not classifier
+    with torch.no_grad():
+        assert model(x).shape == (2, 4)
+    model.train()
+    target = torch.randint(0, 4, (2,))
+    logits, loss = model.loss(model(x), target, nn.CrossEntropyLoss())
+    assert logits.shape == (2, 4) and loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_googlenet_loss_adds_its_auxiliary_heads():
+    torch.manual_seed(0)
+    model = create_model("googlenet", num_classes=5, in_chans=3).train()
+    assert model.head_names == ("fc", "aux1", "aux2")
+    outputs = model(torch.randn(2, 3, 224, 224))
+    target = torch.tensor([1, 3])
+    criterion = nn.CrossEntropyLoss()
+    logits, loss = model.loss(outputs, target, criterion)
+    expected = criterion(outputs[0], target) + 0.3 * (criterion(outputs[1], target) + criterion(outputs[2], target))
+    assert logits is outputs[0]
+    torch.testing.assert_close(loss, expected)
+    model.reset_classifier(2)
+    assert model.aux1.fc2.out_features == 2 and model.aux2.fc2.out_features == 2
+    assert create_model("googlenet", aux_logits=False).head_names == ("fc",)
+
+
 @pytest.mark.parametrize("name", [n for n in ALL_MODELS if n not in HUGE])
 def test_forward_default_size(name):
     model = create_model(name, num_classes=5, in_chans=1).eval()

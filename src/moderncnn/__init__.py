@@ -13,7 +13,8 @@ _EXPORTS = {
     "UnknownModelError": "moderncnn.models", "InputTooSmallError": "moderncnn.models",
     "optimize_for_inference": "moderncnn.models.inference", "summary": "moderncnn.report.summary",
     "TrainConfig": "moderncnn.runs", "load_model": "moderncnn.runs", "load_run": "moderncnn.runs",
-    "Callback": "moderncnn.train.callbacks",
+    "Callback": "moderncnn.train.callbacks", "show_run": "moderncnn.report.notebook",
+    "lr_find": "moderncnn.train.lr_find",
 }
 
 __all__ = ["__version__", "train", *_EXPORTS]

@@ -1,4 +1,4 @@
-"""Command line: ``moderncnn models|summary|train|eval|predict|compare|bench|export``.
+"""Command line: ``moderncnn models|summary|train|eval|predict|compare|bench|export|lr-find``.
 
 Thin by design: each command parses its arguments and calls the Python API. :data:`COMMANDS` is the whole
 table; the train flags are the fields of :class:`~moderncnn.runs.TrainConfig`.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -58,7 +59,7 @@ def _special_flags(p, name: str, help: str) -> bool:
     if name == "model_kwargs":
         p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE", help=help)
         p.add_argument("--memory-efficient", action="store_true", default=None,
-                       help="DenseNet: recompute concat-BN-ReLU in backward to save memory")
+                       help="DenseNet: recompute concat-BN-ReLU in backward to save memory (default: off)")
     elif name == "amp":
         p.add_argument("--amp", nargs="?", const=True, default=None, type=_amp_choice, metavar="auto", help=help)
         p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 throughout")
@@ -129,8 +130,13 @@ def config_from_args(args) -> Tuple[Dict[str, Any], Set[str]]:
 
 
 # --- the commands ----------------------------------------------------------------------------------------
+def _json_line(data) -> None:
+    print(json.dumps(data), flush=True)
+
+
 def _models_arguments(p):
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'densenet*' (default: *)")
+    p.add_argument("--json", action="store_true", help="one JSON array of objects on stdout (default: a table)")
 
 
 def cmd_models(args) -> int:
@@ -142,14 +148,21 @@ def cmd_models(args) -> int:
         pretrained = set(list_models(args.pattern, pretrained=True))
     except ImportError:
         pretrained = set()
-    print(f"{'model':18s} {'params':>12s} {'classes':>8s}  {'default input':>13s}  {'min input':>9s}  pretrained")
+    rows = []
     for name in names:
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = create_model(name)
-        side = model.min_input_size[1]
-        default = "x".join(map(str, model.default_input_size))
-        print(f"{name:18s} {count_parameters(model):>12,d} {model.num_classes:>8d}  {default:>13s}  "
-              f"{f'{side}x{side}':>9s}  {'yes' if name in pretrained else ''}")
+        rows.append({"name": name, "params": count_parameters(model), "num_classes": model.num_classes,
+                     "default_input": list(model.default_input_size), "min_input": list(model.min_input_size),
+                     "pretrained": name in pretrained})
+    if args.json:
+        _json_line(rows)
+        return 0
+    print(f"{'model':18s} {'params':>12s} {'classes':>8s}  {'default input':>13s}  {'min input':>9s}  pretrained")
+    for r in rows:
+        default, side = "x".join(map(str, r["default_input"])), r["min_input"][1]
+        print(f"{r['name']:18s} {r['params']:>12,d} {r['num_classes']:>8d}  {default:>13s}  "
+              f"{f'{side}x{side}':>9s}  {'yes' if r['pretrained'] else ''}")
     print(f"{len(names)} models")
     return 0
 
@@ -197,12 +210,17 @@ def _eval_arguments(p):
     p.add_argument("--tta", type=int, nargs="?", const=1, default=0, metavar="LEVEL",
                    help="test-time augmentation: 1 (the flag alone) flip, 2 flip + one-pixel shifts (default: 0)")
     p.add_argument("--device", default="auto", help="(default: auto)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: a line of text)")
 
 
 def cmd_eval(args) -> int:
     from .predict import evaluate_checkpoint
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.subset, args.batch_size, args.tta,
                             args.device)
+    if args.json:
+        _json_line({"model": r.model, "dataset": r.dataset, "images": r.images, "loss": r.loss,
+                    "accuracy": r.accuracy, "checkpoint": str(r.checkpoint)})
+        return 0
     print(f"{r.model} on {r.dataset} test ({r.images:,} images, {r.checkpoint.name}): test accuracy: "
           f"{r.accuracy:.4f}  loss: {r.loss:.4f}")
     return 0
@@ -210,16 +228,26 @@ def cmd_eval(args) -> int:
 
 def _predict_arguments(p):
     p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="PATH", help="image files, directories (searched recursively) "
+                                                             "or globs")
     p.add_argument("--top-k", type=int, default=3, help="(default: 3)")
     p.add_argument("--device", default="cpu", help="(default: cpu)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout: path, top_k "
+                                                       "[{label, prob}] (default: a line of text per image)")
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_files
-    for path, top in predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device):
-        print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
-    return 0
+    """Every readable image is predicted; each path that failed is named on stderr and makes the exit 1."""
+    from .predict import predict_paths
+    found = predict_paths(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    for path, top in found.results:
+        if args.json:
+            _json_line({"path": path, "top_k": [{"label": name, "prob": prob} for name, prob in top]})
+        else:
+            print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
+    for path, reason in found.failures:
+        print(f"moderncnn predict: error: {path}: {reason}", file=sys.stderr)
+    return 1 if found.failures else 0
 
 
 def _compare_arguments(p):
@@ -233,6 +261,8 @@ def _compare_arguments(p):
 def cmd_compare(args) -> int:
     from .compare import compare
     values, _ = config_from_args(args)
+    for own in ("out", "name", "progress"):  # the comparison's, not its runs'
+        values.pop(own, None)
     compare(args.models.split(","), out=args.out, name=args.name, progress=args.progress, **values)
     return 0
 
@@ -272,6 +302,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _lr_find_arguments(p):
+    add_train_arguments(p, skip=("resume", "budget", "progress", "quiet"))
+    p.add_argument("--steps", type=int, default=100, help="steps of the sweep (default: 100)")
+    p.add_argument("--start-lr", type=float, default=1e-6, help="(default: 1e-06)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="(default: 10.0)")
+    for flag in ("--resume", "--budget"):  # refused with one line, not an argparse usage message
+        p.add_argument(flag, dest=f"refused_{flag[2:]}", default=None, help=argparse.SUPPRESS)
+
+
+def cmd_lr_find(args) -> int:
+    from .train.lr_find import lr_find
+    for flag in ("resume", "budget"):
+        if getattr(args, f"refused_{flag}") is not None:
+            raise ValueError(f"lr-find sweeps a fixed number of steps from the initial weights: it takes no --{flag}")
+    values, explicit = config_from_args(args)
+    result = lr_find(TrainConfig.from_dict(values), explicit, steps=args.steps, start_lr=args.start_lr,
+                     end_lr=args.end_lr)
+    print(f"suggested learning rate: {result.suggestion:.3g} (a tenth of {result.min_loss_lr:.3g}, where the "
+          f"smoothed loss is lowest; steepest descent at {result.steepest:.3g}); plot: "
+          f"{result.run_dir / 'lr_find.png'}")
+    return 0
+
+
 # name -> (help, argument builder, handler)
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "models": ("list the registered models with parameter counts", _models_arguments, cmd_models),
@@ -282,6 +335,8 @@ COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "compare": ("train several models alike and write one comparison report", _compare_arguments, cmd_compare),
     "bench": ("speed and memory side by side with torchvision", _bench_arguments, cmd_bench),
     "export": ("export a trained model to ONNX or TorchScript", _export_arguments, cmd_export),
+    "lr-find": ("learning-rate range test: sweep the learning rate and suggest one", _lr_find_arguments,
+                cmd_lr_find),
 }
 
 

@@ -130,14 +130,14 @@ def write_comparison_report(comp_dir: Path) -> Path:
     options = settings.get("options", {})
     dataset = options.get("dataset", "fashion-mnist")
     runs = _finished_runs(comp_dir, settings["models"])
-    rows = [{"model": r.summary.model, **{k: getattr(r.summary, k) for k in RESULT_FIELDS[1:]}} for r in runs]
+    rows = [r.summary for r in runs]
     with open(comp_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: getattr(s, k) for k in RESULT_FIELDS} for s in rows)
     plot_comparison_curves([(r.summary.model, r.history) for r in runs], comp_dir / "accuracy.png",
                            f"{dataset}: test accuracy per epoch ({options.get('recipe', 'fast')} recipe)")
-    plot_tradeoff([(r["model"], r["flops_per_image"], r["train_seconds"], r["final_acc"]) for r in rows],
+    plot_tradeoff([(s.model, s.flops_per_image, s.train_seconds, s.final_acc) for s in rows],
                   comp_dir / "tradeoff.png", f"accuracy against cost on {dataset}")
     env = (f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, torch "
            f"{runs[0].info.versions.get('torch') if runs else '?'}")
@@ -145,16 +145,16 @@ def write_comparison_report(comp_dir: Path) -> Path:
              f"Environment: {env}. {_settings_text(options)}.", "",
              "| model | params | FLOPs/image | peak memory | train time | images/s | final test acc | val acc "
              "(best.pt) | epochs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        val = f"{r['chosen_val_acc']:.4f}" if r["chosen_val_acc"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['params']:,} | {human(r['flops_per_image'])} | "
-                     f"{r['peak_memory_mb']:.0f} MB | {r['train_seconds']:.0f}s | {r['images_per_second']:.0f} | "
-                     f"{r['final_acc']:.4f} | {val} | {r['epochs_done']} |")
-    missing = [m for m in settings["models"] if m not in {r["model"] for r in rows}]
+    for s in rows:
+        val = f"{s.chosen_val_acc:.4f}" if s.chosen_val_acc is not None else "-"
+        lines.append(f"| {s.model} | {s.params:,} | {human(s.flops_per_image)} | {s.peak_memory_mb:.0f} MB | "
+                     f"{s.train_seconds:.0f}s | {s.images_per_second:.0f} | {s.final_acc:.4f} | {val} | "
+                     f"{s.epochs_done} |")
+    missing = [m for m in settings["models"] if m not in {s.model for s in rows}]
     if missing:
         lines += ["", f"Not finished (re-run the command to resume): {', '.join(missing)}."]
     lines += ["", "Peak memory is the training process's peak resident memory on the CPU (max allocated on a GPU).",
               "", "![accuracy](accuracy.png)", "", "![tradeoff](tradeoff.png)", ""]
-    lines += [f"- [{r['model']}]({r['model']}/report.md)" for r in rows]
+    lines += [f"- [{s.model}]({s.model}/report.md)" for s in rows]
     write_text_atomic(comp_dir / "report.md", "\n".join(lines) + "\n")
     return comp_dir / "report.md"

@@ -12,7 +12,8 @@ import torch
 
 from .runs import ModelSpec, build_model, read_checkpoint, resolve_checkpoint
 
-__all__ = ["predict_files", "load_images", "evaluate_checkpoint", "Evaluation"]
+__all__ = ["predict_files", "predict_paths", "expand_paths", "load_images", "evaluate_checkpoint", "Evaluation",
+           "Predictions"]
 
 
 def load_images(paths: Sequence[str], channels: int, size: int, mean, std, native_size=None) -> torch.Tensor:
@@ -80,6 +81,79 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
     return Evaluation(spec.model_name, dataset, len(test), loss, acc, path)
 
 
+def expand_paths(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(image files, failures): each path is a file, a directory (its image files, recursively, sorted) or a
+    glob; a missing path, an empty directory or a glob matching nothing is a failure naming it."""
+    import glob
+    from .data.datasets import IMAGE_EXTENSIONS
+    files, failures = [], []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += found
+            if not found:
+                failures.append((text, "no image files in this directory"))
+        elif path.is_file():
+            files.append(text)
+        elif glob.has_magic(text):
+            found = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            files += found
+            if not found:
+                failures.append((text, "no file matches this pattern"))
+        else:
+            failures.append((text, "no such file or directory"))
+    return files, failures
+
+
+@dataclass
+class Predictions:
+    """What :func:`predict_paths` found: (path, [(class, probability), ...]) per image read, and (path,
+    reason) per path that failed."""
+
+    results: List[Tuple[str, List[Tuple[str, float]]]]
+    failures: List[Tuple[str, str]]
+
+
+def _readable(files: Sequence[str], spec_or_meta) -> Tuple[List[str], List[Tuple[str, str]]]:
+    from .data.datasets import DatasetError, _decode
+    good, bad = [], []
+    for path in files:
+        try:
+            _decode(Path(path), spec_or_meta[0], spec_or_meta[1])
+            good.append(path)
+        except DatasetError as exc:
+            bad.append((path, str(exc).split(": ", 1)[-1]))
+    return good, bad
+
+
+def predict_paths(source: str, paths: Sequence[str], top_k: int = 3, device: str = "cpu") -> Predictions:
+    """Predict every image file among ``paths`` (files, directories, globs); files that cannot be read are
+    reported in ``failures`` while the others are still predicted."""
+    files, failures = expand_paths(paths)
+    channels, native = _input_format(source)
+    good, unreadable = _readable(files, (channels, native))
+    results = predict_files(source, good, top_k=top_k, device=device) if good else []
+    return Predictions(results, failures + unreadable)
+
+
+def _input_format(source) -> Tuple[int, Optional[tuple]]:
+    """(channels, stored image size) the model's training data had, from a run, checkpoint or ONNX file."""
+    if Path(source).suffix == ".onnx":
+        meta = _onnx_meta(Path(source))
+        size = meta.get("native_size") or [meta["image_size"]] * 2
+        return meta["in_chans"], tuple(size)
+    spec = ModelSpec.from_dict(read_checkpoint(resolve_checkpoint(source)))
+    return spec.in_chans, tuple(spec.native_size or (spec.image_size, spec.image_size))
+
+
+def _onnx_meta(path: Path) -> dict:
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: missing (the preprocessing written beside the exported model)")
+    return json.loads(meta_path.read_text())
+
+
 def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: str = "cpu"
                   ) -> List[Tuple[str, List[Tuple[str, float]]]]:
     """(path, [(class, probability), ...]) for each image, from a run directory, checkpoint or .onnx file."""
@@ -108,10 +182,7 @@ def _predict_onnx(path: Path, images, top_k: int):
         import onnxruntime as ort
     except ImportError:
         raise ValueError("predicting with an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise ValueError(f"{meta_path}: missing (the preprocessing written beside the exported model)")
-    meta = json.loads(meta_path.read_text())
+    meta = _onnx_meta(path)
     x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
                     meta.get("native_size")).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

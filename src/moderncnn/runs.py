@@ -89,7 +89,10 @@ class TrainConfig:
     out: str = field(default="runs", metadata={"help": "parent directory of run directories"})
     name: Optional[str] = _option("run directory name (default: time-model-dataset)")
     resume: Optional[str] = _option("continue the run in this directory from its last.pt")
-    progress: bool = field(default=True, metadata={"help": "progress bar (only when stdout is a terminal)"})
+    progress: bool = field(default=True, metadata={"help": "progress bar (in a terminal or a notebook)"})
+    quiet: bool = field(default=False, metadata={"help": "print only the final line"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "write TensorBoard event files to RUN/tensorboard/ (pip install 'moderncnn[tensorboard]')"})
     tta: Optional[int] = _option("test-time augmentation of the final evaluation: 1 (the flag alone) flip, "
                                  "2 flip + one-pixel shifts, 0 off")
     budget: Optional[float] = _option("train for about this long (90s, 10m, 1.5h or seconds): the epochs are "

@@ -10,7 +10,7 @@ from torch import nn
 from .densenet import DenseNet
 from .layers import ClassifierHead, CSPStage, ImageClassifier, conv_bn_act, init_kaiming
 from .registry import register_model
-from .resnet import Bottleneck, make_stage
+from .resnet import Bottleneck, make_stage, resnet_steps
 
 __all__ = ["CSPResNet", "cspresnet50", "cspdensenet121"]
 
@@ -28,9 +28,8 @@ class CSPResNet(ImageClassifier):
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), widths: Sequence[int] = (128, 256, 512, 1024),
                  num_classes: int = 1000, in_chans: int = 3, small_input: bool = False, drop_rate: float = 0.0):
-        steps = [(3, 1, 1, False)] if small_input else [(7, 2, 3, False), (3, 2, 1, False)]
-        steps += [(3, 2, 1, False)] * (len(layers) - 1)
-        super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
+        super().__init__(num_classes, in_chans, resnet_steps(small_input, len(layers)),
+                         default_size=32 if small_input else 224)
         stem_width = 64
         if small_input:
             self.stem = conv_bn_act(in_chans, stem_width, 3)

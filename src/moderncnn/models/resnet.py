@@ -102,6 +102,13 @@ def make_stage(block: Block, inplanes: int, planes: int, blocks: int, stride: in
     return nn.Sequential(*layers)
 
 
+def resnet_steps(small_input: bool, num_stages: int) -> list:
+    """Down-sampling steps of a ResNet-style network: the stem (7x7/2 conv and 3x3/2 max-pool, or one 3x3
+    stride-1 conv for small images), then a stride-2 3x3 at the start of every stage after the first."""
+    stem = [(3, 1, 1, False)] if small_input else [(7, 2, 3, False), (3, 2, 1, False)]
+    return stem + [(3, 2, 1, False)] * (num_stages - 1)
+
+
 class ResNet(ImageClassifier):
     """Stem (7x7/2 conv, 3x3/2 max-pool) -> four residual stages -> global pool -> linear.
 
@@ -117,9 +124,8 @@ class ResNet(ImageClassifier):
                  small_input: bool = False, weighted: bool = False, bias: bool = False,
                  shortcut_norm: bool = True, zero_init_residual: bool = False, drop_rate: float = 0.0,
                  widths: Sequence[int] = (64, 128, 256, 512)):
-        steps = [(3, 1, 1, False)] if small_input else [(7, 2, 3, False), (3, 2, 1, False)]
-        steps += [(3, 2, 1, False)] * (len(layers) - 1)
-        super().__init__(num_classes, in_chans, steps, default_size=32 if small_input else 224)
+        super().__init__(num_classes, in_chans, resnet_steps(small_input, len(layers)),
+                         default_size=32 if small_input else 224)
         stem_width = widths[0]
         if small_input:
             self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=bias)

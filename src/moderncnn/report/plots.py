@@ -1,19 +1,19 @@
-"""Plots of a run: learning curves, a prediction grid, a confusion matrix (matplotlib, no display)."""
+"""Plots of a run: learning curves, a prediction grid, a confusion matrix, the worst-classified images.
+
+Drawn on :class:`matplotlib.figure.Figure` objects and written through their own Agg canvas: importing or
+calling this module never touches pyplot's state or the user's matplotlib backend."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from ..runs import EpochRecord
 
-from ..runs import EpochRecord  # noqa: E402
-
-__all__ = ["scored", "plot_curves", "plot_predictions", "plot_confusion", "confusion_matrix", "plot_comparison_curves",
+__all__ = ["scored", "plot_curves", "draw_curves", "plot_top_losses", "plot_predictions", "plot_confusion", "confusion_matrix", "plot_comparison_curves",
            "plot_tradeoff"]
 
 
@@ -37,8 +37,18 @@ def plot_curves(history: Sequence[EpochRecord], path: Path, title: str = "", lab
 
     With label smoothing the training loss is the smoothed loss the optimizer sees, which cannot fall to
     the plain cross-entropy of the test set; the legend says so."""
+    fig = Figure(figsize=(10, 3.8))
+    draw_curves(fig, history, title, label_smoothing, chosen_epoch)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def draw_curves(fig: Figure, history: Sequence[EpochRecord], title: str = "", label_smoothing: float = 0.0,
+                chosen_epoch: Optional[int] = None) -> Figure:
+    """Draw :func:`plot_curves`' two panels on ``fig`` (cleared first: a live figure is redrawn in place)."""
+    fig.clear()
     epochs = [row.epoch for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     train_label = f"train loss (label smoothing {label_smoothing:g})" if label_smoothing else "train loss"
     ax_loss.plot(epochs, [r.train_loss for r in history], "o-", label=train_label)
     ax_acc.plot(epochs, [r.train_acc for r in history], "o-", label="train acc")
@@ -53,12 +63,15 @@ def plot_curves(history: Sequence[EpochRecord], path: Path, title: str = "", lab
                     markersize=12, label=f"test acc with TTA (level {', '.join(map(str, levels))})")
         ax_loss.plot([r.epoch for r in tta_rows], [r.test_loss for r in tta_rows], "*", color="C3",
                      markersize=12, label="test loss with TTA")
-    final = scored(history)[-1]
-    ax_acc.annotate(f"{final.test_acc:.4f}", (final.epoch, final.test_acc), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=8)
+    if scored(history):
+        final = scored(history)[-1]
+        ax_acc.annotate(f"{final.test_acc:.4f}", (final.epoch, final.test_acc), textcoords="offset points",
+                        xytext=(0, -14), ha="center", fontsize=8)
     if chosen_epoch:
         ax_acc.axvline(chosen_epoch, color="0.5", linestyle=":", label=f"best.pt (epoch {chosen_epoch}, on val)")
     ax_loss.legend()
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend(loc="lower right", fontsize=8)
@@ -69,9 +82,7 @@ def plot_curves(history: Sequence[EpochRecord], path: Path, title: str = "", lab
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_predictions(images: torch.Tensor, labels: Sequence[int], predictions: Sequence[int],
@@ -79,7 +90,8 @@ def plot_predictions(images: torch.Tensor, labels: Sequence[int], predictions: S
     """A grid of test images titled "true / predicted"; mistakes in red with a red frame."""
     n = len(images)
     rows = max(1, int(np.ceil(n / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.75))
+    fig = Figure(figsize=(columns * 1.45, rows * 1.75))
+    axes = fig.subplots(rows, columns)
     axes = np.atleast_1d(axes).ravel()
     for ax in axes:
         ax.axis("off")
@@ -106,7 +118,34 @@ def plot_predictions(images: torch.Tensor, labels: Sequence[int], predictions: S
                  f"{wrong} wrong, in red", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return path
+
+
+def plot_top_losses(images: torch.Tensor, labels: Sequence[int], predictions: Sequence[int],
+                    confidence: Sequence[float], true_prob: Sequence[float], classes: Sequence[str], path: Path,
+                    columns: int = 4) -> Path:
+    """The test images with the highest loss (fastai's ``plot_top_losses``): each titled with its true
+    label, the predicted label and that prediction's probability, and the loss."""
+    n = len(images)
+    rows = max(1, int(np.ceil(n / columns)))
+    fig = Figure(figsize=(columns * 2.2, rows * 2.4))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for i in range(n):
+        img = images[i].numpy()
+        if img.shape[0] == 1:
+            axes[i].imshow(img[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            axes[i].imshow(img.transpose(1, 2, 0))
+        loss = -np.log(max(float(true_prob[i]), 1e-12))
+        axes[i].set_title(f"true {classes[int(labels[i])]}\npred {classes[int(predictions[i])]} "
+                          f"({float(confidence[i]):.2f})\nloss {loss:.2f}", fontsize=7,
+                          color="red" if int(labels[i]) != int(predictions[i]) else "black")
+    fig.suptitle(f"the {n} test images with the highest loss: true label, prediction (its probability), loss",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -121,7 +160,8 @@ def plot_confusion(labels: torch.Tensor, predictions: torch.Tensor, classes: Seq
     cm = confusion_matrix(labels, predictions, k).numpy()
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(5, 0.55 * k + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
@@ -141,14 +181,14 @@ def plot_confusion(labels: torch.Tensor, predictions: torch.Tensor, classes: Seq
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_comparison_curves(histories: Sequence[Tuple[str, Sequence[EpochRecord]]], path: Path, title: str) -> Path:
     """Test accuracy per epoch of several runs, one line each."""
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, history in histories:
         rows = scored(history)  # --eval-every leaves some epochs without test figures
         ax.plot([r.epoch for r in rows], [r.test_acc for r in rows], "o-", label=name, markersize=3)
@@ -160,7 +200,6 @@ def plot_comparison_curves(histories: Sequence[Tuple[str, Sequence[EpochRecord]]
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -168,7 +207,8 @@ def plot_tradeoff(points: Sequence[Tuple[str, float, float, float]], path: Path,
     """Final test accuracy against FLOPs per image and against training time: (name, flops, seconds, acc)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     from .summary import human
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     for ax, column, label in ((axes[0], 1, "FLOPs per image"), (axes[1], 2, "training time, s")):
         for point in points:
             ax.scatter(point[column], point[3], s=30)
@@ -191,5 +231,4 @@ def plot_tradeoff(points: Sequence[Tuple[str, float, float, float]], path: Path,
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -9,7 +9,7 @@ import torch
 
 from ..data.loader import Augment
 from ..runs import EpochRecord, Run, load_run
-from .plots import plot_confusion, plot_curves, plot_predictions, scored
+from .plots import plot_confusion, plot_curves, plot_predictions, plot_top_losses, scored
 from .summary import human
 
 __all__ = ["write_run_report"]
@@ -151,15 +151,28 @@ def write_run_report(run_dir: Path) -> Path:
     plot_predictions(preds["sample_images"], preds["labels"][preds["sample_index"]],
                      preds["predictions"][preds["sample_index"]], classes, run.path / "predictions.png")
     plot_confusion(preds["labels"], preds["predictions"], classes, run.path / "confusion.png")
+    worst = _plot_worst(preds, classes, run.path / "top_losses.png")
     per_class = _per_class_accuracy(preds["labels"], preds["predictions"], len(classes))
     lines = [f"# {cfg.model} on {cfg.dataset}", "", _headline(run), "", *_settings_rows(run, classes),
              "", "## Curves", "", "![curves](curves.png)", "", *_curve_notes(run), *_epoch_rows(run),
              "", "## Predictions", "", "![predictions](predictions.png)", "",
              "## Confusion matrix", "", "![confusion](confusion.png)", "", "| class | test accuracy |", "|---|---:|"]
     lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
+    if worst:
+        lines += ["", "## Worst-classified test images", "", "![top losses](top_losses.png)"]
     lines += ["", _checkpoint_note(run), ""]
     (run.path / "report.md").write_text("\n".join(lines))
     return run.path / "report.md"
+
+
+def _plot_worst(preds, classes: List[str], path: Path) -> bool:
+    """top_losses.png from predictions.pt (those written before it had no worst images: none drawn)."""
+    if "worst_index" not in preds:
+        return False
+    index = preds["worst_index"]
+    plot_top_losses(preds["worst_images"], preds["labels"][index], preds["predictions"][index],
+                    preds["confidence"][index], preds["true_prob"][index], classes, path)
+    return True
 
 
 def _per_class_accuracy(labels: torch.Tensor, predictions: torch.Tensor, k: int) -> List[float]:

@@ -151,9 +151,14 @@ class ProgressBar(Callback):
 
 
 class ConsoleLog(Callback):
-    """The start line, one line per epoch, and the closing line."""
+    """The start line, one line per epoch, and the closing line (only that one when ``quiet``)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
 
     def on_train_start(self, run, state):
+        if self.quiet:
+            return
         cfg, info = run.cfg, run.info
         length = f"{cfg.epochs} epochs"
         if cfg.budget:
@@ -172,6 +177,8 @@ class ConsoleLog(Callback):
               f"{run.run_dir}", flush=True)
 
     def on_epoch_end(self, run, state, record):
+        if self.quiet:
+            return
         fraction = record.train_images / (run.plan.steps_per_epoch * run.train_loader.batch_size * run.dist.world_size)
         val = f"val acc {record.val_acc:.4f}  " if record.val_acc is not None else ""
         scores = (f"{val}test loss {record.test_loss:.4f} acc {record.test_acc:.4f}" if record.scored
@@ -237,9 +244,13 @@ class ReportWriter(Callback):
         # A fixed random sample (seed 0) for the prediction grid: image folders are sorted by class, so the
         # first 32 test images would all show one class.
         sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:32].sort().values
+        true_prob = probs.gather(1, test.labels.view(-1, 1)).flatten()
+        worst = torch.argsort(true_prob)[:16]  # the highest losses: -log p(true class)
         torch.save({"labels": test.labels, "predictions": preds, "confidence": probs.max(1).values,
-                    "classes": list(test.classes), "sample_images": test.images[sample].clone(),
-                    "sample_index": sample, "test_acc": acc}, run.run_dir / "predictions.pt")
+                    "true_prob": true_prob, "classes": list(test.classes),
+                    "sample_images": test.images[sample].clone(), "sample_index": sample,
+                    "worst_images": test.images[worst].clone(), "worst_index": worst, "test_acc": acc},
+                   run.run_dir / "predictions.pt")
         write_summary(run.run_dir, _summary(run, state))
         write_run_report(run.run_dir)
 
@@ -258,16 +269,18 @@ def _summary(run: "TrainSetup", state: TrainState) -> RunSummary:
 
 def default_callbacks(run: "TrainSetup") -> List[Callback]:
     """The built-in callbacks of a run, in the order they are called."""
+    from .notebook import in_notebook
     callbacks: List[Callback] = [NonFiniteGuard(defer=run.device.type == "cuda")]
-    if run.is_main:
-        if run.cfg.progress and _shows_progress():
-            callbacks.append(ProgressBar())
-        callbacks += [ConsoleLog(), MetricsLogger(), CheckpointSaver(), ReportWriter()]
+    if not run.is_main:
+        return callbacks
+    cfg, notebook = run.cfg, in_notebook()
+    if cfg.progress and not cfg.quiet and (sys.stdout.isatty() or notebook):
+        callbacks.append(ProgressBar())
+    callbacks += [ConsoleLog(quiet=cfg.quiet), MetricsLogger(), CheckpointSaver(), ReportWriter()]
+    if notebook and not cfg.quiet:
+        from .notebook import LiveCurves
+        callbacks.append(LiveCurves())
+    if cfg.tensorboard:
+        from .tensorboard import TensorBoardLogger
+        callbacks.append(TensorBoardLogger())
     return callbacks
-
-
-def _shows_progress() -> bool:
-    """A terminal, or a Jupyter kernel (where tqdm.auto draws a widget)."""
-    if sys.stdout.isatty():
-        return True
-    return "ipykernel" in sys.modules

@@ -219,7 +219,7 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 # Fields of a replayed run that describe where and how that run ran, not what it trained.
-_NOT_REPLAYED = ("resume", "name", "out", "progress")
+_NOT_REPLAYED = ("resume", "name", "out", "progress", "quiet")
 
 
 def load_config_file(path) -> Dict[str, Any]:

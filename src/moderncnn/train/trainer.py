@@ -95,7 +95,7 @@ def _resume_config(config: TrainConfig, explicit: Set[str]) -> Tuple[TrainConfig
     checkpoint = load_checkpoint(path)
     check_version(checkpoint.get("format_version", 1), path)
     saved = TrainConfig.from_dict(checkpoint["config"], str(path))
-    changes = {k: getattr(config, k) for k in ("epochs", "progress", "device", "budget")
+    changes = {k: getattr(config, k) for k in ("epochs", "progress", "quiet", "device", "budget", "tensorboard")
                if k in explicit or (k == "epochs" and config.epochs is not None)}
     cfg = dataclasses.replace(saved, resume=str(run_dir), **changes)
     # Options added after the checkpoint was written take their defaults (they did not exist then).
@@ -135,6 +135,9 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         cfg, checkpoint = _resume_config(config, explicit)
     else:
         cfg = resolve_config(config, explicit)
+    if cfg.tensorboard:
+        from .tensorboard import require_tensorboard
+        require_tensorboard()  # before anything is written
     try:
         run = build_setup(cfg, resuming=checkpoint is not None)
         state = _start_state(run, checkpoint)

@@ -1,0 +1,107 @@
+"""The shape of the code, checked by parsing src/: short functions, imports that run one way, a lazy package."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "moderncnn"
+MAX_FUNCTION_LINES = 80
+
+# The layers of DESIGN.md, lowest first: a module may import its own part or a lower layer, never a higher one.
+# models and data share the lowest layer and import neither each other nor anything above.
+LAYERS = {"models": 0, "data": 0, "checkpoint": 1, "runs": 2, "report": 3, "train": 4,
+          "predict": 5, "compare": 5, "bench": 5, "export": 5, "cli": 6, "__main__": 7}
+
+
+def _modules():
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        yield path, parts
+
+
+def _part(parts) -> str:
+    return parts[0]
+
+
+def _imported_parts(path: Path, parts):
+    """The top-level parts of moderncnn that ``path`` imports (relative imports resolved)."""
+    package = list(parts[:-1]) if parts[-1] != "__init__" else list(parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("moderncnn."):
+                    yield alias.name.split(".")[1], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.startswith("moderncnn."):
+                    yield node.module.split(".")[1], node.lineno
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = base + (node.module.split(".") if node.module else [])
+            if target:
+                yield target[0], node.lineno
+            else:  # "from . import x" at the package root: x itself, or the root's __version__
+                for alias in node.names:
+                    if alias.name != "__version__":
+                        yield alias.name, node.lineno
+
+
+def test_no_function_in_src_is_longer_than_80_lines():
+    long = []
+    for path, _ in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_imports_run_one_way():
+    wrong = []
+    for path, parts in _modules():
+        if parts == ("__init__",):
+            continue  # the package root loads its exports lazily, by name
+        own = _part(parts)
+        for target, line in _imported_parts(path, parts):
+            if target == own or target not in LAYERS:
+                continue
+            if LAYERS[target] >= LAYERS[own]:
+                wrong.append(f"{path.relative_to(SRC)}:{line} imports {target}")
+    assert not wrong, wrong
+
+
+def test_the_layer_checker_sees_a_wrong_import(tmp_path):
+    bad = tmp_path / "report" / "bad.py"
+    bad.parent.mkdir()
+    bad.write_text("from ..train import train\nimport moderncnn.cli\n")
+    found = list(_imported_parts(bad, ("report", "bad")))
+    assert [t for t, _ in found] == ["train", "cli"]
+
+
+def test_only_main_imports_the_cli():
+    importers = [str(path.relative_to(SRC)) for path, parts in _modules()
+                 if any(t == "cli" for t, _ in _imported_parts(path, parts)) and parts[0] != "cli"]
+    assert importers == ["__main__.py"]
+
+
+@pytest.mark.parametrize("statement,absent", [
+    ("import moderncnn.models", ["moderncnn.train", "moderncnn.data", "moderncnn.report", "moderncnn.cli"]),
+    ("import moderncnn; moderncnn.create_model('resnet18', num_classes=3)", ["moderncnn.train", "moderncnn.cli"]),
+    ("import moderncnn.data", ["moderncnn.train", "moderncnn.models"]),
+    ("import moderncnn.report.run", ["moderncnn.train"]),
+])
+def test_imports_load_only_what_they_need(statement, absent):
+    code = f"import sys; {statement}; print([m for m in {absent!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_is_both_the_function_and_the_package():
+    import moderncnn
+    import moderncnn.train.callbacks  # importing a submodule must not turn moderncnn.train into a plain module
+    assert callable(moderncnn.train) and moderncnn.train.Callback is moderncnn.train.callbacks.Callback
+    assert moderncnn.Callback is moderncnn.train.Callback
