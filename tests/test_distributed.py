@@ -58,3 +58,27 @@ def test_sync_bn_on_cpu_is_refused(tmp_path):
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode != 0
     assert "--sync-bn needs CUDA" in run.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_share_one_image_folder_cache(tmp_path):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / cls / f"{i}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MODERNCNN_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn", "train",
+                          "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "16",
+                          "--model", "nin", "--model-arg", "small_input=True", "--epochs", "1", "--batch-size", "8",
+                          "--data-cache", "disk", "--out", str(tmp_path), "--name", "ddp", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    entries = sorted(p.name for p in (tmp_path / "cache" / "imagefolder").iterdir())
+    assert len(entries) == 2 and not any(name.startswith(".building") for name in entries)  # train and test, once
+    assert "memory-mapped from the disk cache" in run.stdout

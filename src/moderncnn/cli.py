@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .runs import TrainConfig
@@ -77,8 +78,10 @@ def _special_flags(p, name: str, help: str) -> bool:
 def add_train_arguments(p: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) -> None:
     """One flag per :class:`TrainConfig` field (default None: the recipe decides), with its help and the
     default it resolves to."""
+    from .data.folder import CACHE_MODES, RESIZE_MODES
     from .train.config import INITS, OPTIMIZERS, SCHEDULES
-    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS}
+    choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS, "resize": RESIZE_MODES,
+               "data_cache": CACHE_MODES}
     kinds = {"int": int, "float": float, "str": str}
     defaults = _shown_defaults()
     for f in dataclasses.fields(TrainConfig):
@@ -353,8 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"moderncnn: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line  # one line on stderr, without the source line
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

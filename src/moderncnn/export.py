@@ -94,5 +94,5 @@ def export(source, fmt: str = "onnx", output: Optional[str] = None, opset: int =
         raise ValueError(f"{path}: would overwrite a checkpoint; choose another --output")
     meta = {"model_name": spec.model_name, "in_chans": spec.in_chans, "image_size": spec.image_size,
             "mean": spec.mean, "std": spec.std, "classes": spec.classes, "native_size": spec.native_size,
-            "checkpoint": str(ckpt)}
+            "resize": spec.resize, "eval_crop": spec.eval_crop, "checkpoint": str(ckpt)}
     return export_model(model, path, fmt, (spec.in_chans, spec.image_size, spec.image_size), meta, opset)

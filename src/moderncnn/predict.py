@@ -16,23 +16,27 @@ __all__ = ["predict_files", "predict_paths", "expand_paths", "load_images", "eva
            "Predictions"]
 
 
-def load_images(paths: Sequence[str], channels: int, size: int, mean, std, native_size=None) -> torch.Tensor:
+def load_images(paths: Sequence[str], channels: int, size: int, mean, std, native_size=None,
+                resize_mode: str = "crop", eval_crop: bool = False) -> torch.Tensor:
     """Read image files exactly as training saw them: decoded and resized with PIL to the dataset's
-    stored size (``native_size``: 28x28 for Fashion-MNIST, the folder's image size for image folders),
-    then resized on tensors to ``size`` and normalised, as the loader does."""
-    from .data.datasets import DatasetError, _decode
-    from .data.loader import resize
+    stored size (``native_size``: 28x28 for Fashion-MNIST, the folder's image size for image folders) the
+    way the run's folders were (``resize_mode``: centre crop, squash or pad), then resized on tensors to
+    ``size`` (or, with ``eval_crop``, cut to its centre) and normalised, as the loader does."""
+    from .data.datasets import DatasetError
+    from .data.folder import decode_image
+    from .data.loader import center_crop, resize
     native = tuple(native_size) if native_size else (size, size)
     batch = []
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"{path}: no such image file")
         try:
-            array = _decode(Path(path), channels, native)
+            array = decode_image(Path(path), channels, native, resize_mode)
         except DatasetError as exc:
             raise ValueError(str(exc)) from None
         batch.append(torch.from_numpy(array.copy()))
-    x = resize(torch.stack(batch).float().div_(255), (size, size))
+    x = torch.stack(batch).float().div_(255)
+    x = center_crop(x, (size, size)) if eval_crop else resize(x, (size, size))
     mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -64,8 +68,9 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
     dataset = dataset or spec.dataset or config.get("dataset")
     kwargs = {}
     if dataset == "imagefolder":
-        kwargs = dict(image_size=spec.image_size, val_fraction=config.get("val_fraction"),
-                      seed=config.get("seed", 0), channels=spec.in_chans)
+        kwargs = dict(image_size=tuple(spec.native_size or (spec.image_size, spec.image_size)),
+                      val_fraction=config.get("val_fraction"), seed=config.get("seed", 0), channels=spec.in_chans,
+                      resize=spec.resize)
     test = load_dataset(dataset, root=data_dir or config.get("data_dir"), split="test", **kwargs)
     if subset:
         test = test.subset(subset, seed=config.get("seed", 0))
@@ -76,7 +81,7 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
         raise ValueError(f"{dataset} has {test.images.shape[1]}-channel images; the model was trained on "
                          f"{spec.in_chans}-channel images")
     loader = Loader(test, batch_size, train=False, image_size=spec.image_size, device=device, mean=spec.mean,
-                    std=spec.std)
+                    std=spec.std, eval_crop=spec.eval_crop)
     loss, acc = evaluate(model, loader, tta=tta)
     return Evaluation(spec.model_name, dataset, len(test), loss, acc, path)
 
@@ -85,7 +90,7 @@ def expand_paths(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]
     """(image files, failures): each path is a file, a directory (its image files, recursively, sorted) or a
     glob; a missing path, an empty directory or a glob matching nothing is a failure naming it."""
     import glob
-    from .data.datasets import IMAGE_EXTENSIONS
+    from .data.folder import IMAGE_EXTENSIONS
     files, failures = [], []
     for text in paths:
         path = Path(text)
@@ -116,11 +121,12 @@ class Predictions:
 
 
 def _readable(files: Sequence[str], spec_or_meta) -> Tuple[List[str], List[Tuple[str, str]]]:
-    from .data.datasets import DatasetError, _decode
+    from .data.datasets import DatasetError
+    from .data.folder import decode_image
     good, bad = [], []
     for path in files:
         try:
-            _decode(Path(path), spec_or_meta[0], spec_or_meta[1])
+            decode_image(Path(path), spec_or_meta[0], spec_or_meta[1])
             good.append(path)
         except DatasetError as exc:
             bad.append((path, str(exc).split(": ", 1)[-1]))
@@ -164,7 +170,8 @@ def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: st
     state = read_checkpoint(path)
     spec = ModelSpec.from_dict(state)
     model = build_model(state, str(path)).to(device)
-    x = load_images(images, spec.in_chans, spec.image_size, spec.mean, spec.std, spec.native_size).to(device)
+    x = load_images(images, spec.in_chans, spec.image_size, spec.mean, spec.std, spec.native_size,
+                    spec.resize, spec.eval_crop).to(device)
     with torch.no_grad():
         probs = model(x).softmax(1).cpu()
     return _top(images, probs, spec.classes, top_k)
@@ -184,7 +191,7 @@ def _predict_onnx(path: Path, images, top_k: int):
         raise ValueError("predicting with an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
     meta = _onnx_meta(path)
     x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
-                    meta.get("native_size")).numpy()
+                    meta.get("native_size"), meta.get("resize", "squash"), meta.get("eval_crop", False)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     probs = torch.from_numpy(logits).softmax(1)

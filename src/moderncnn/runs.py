@@ -69,8 +69,10 @@ class TrainConfig:
     label_smoothing: Optional[float] = _option("label smoothing of the cross-entropy loss")
     ema: Optional[float] = _option("decay of an exponential moving average of the weights (0: off)")
     grad_clip: Optional[float] = _option("clip the gradient norm to this (0: off)")
-    augment: Optional[str] = _option("none, crop, flip, crop+flip, crop+flip+erase; altflip in place of flip "
-                                     "flips each image every other epoch")
+    augment: Optional[str] = _option("none, crop, flip, crop+flip, crop+flip+erase, rrc+flip (random-resized-crop; "
+                                     "the default with --pretrained); altflip in place of flip flips each image "
+                                     "every other epoch")
+    rrc_scale: Optional[str] = _option("random-resized-crop: the range of the image's area a crop covers, LOW,HIGH")
     normalize: Optional[bool] = _option("normalise inputs with the training set's mean and std")
     init: Optional[str] = _option("weight initialisation: xavier (d2l) or whiten (patch-whitening first conv)")
     model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
@@ -103,6 +105,16 @@ class TrainConfig:
     freeze_backbone: bool = field(default=False, metadata={"help": "train the classifier only"})
     head_lr_mult: Optional[float] = _option("learning-rate factor of the classifier (pretrained: 10)")
     val_fraction: Optional[float] = _option("image folders without test/: the share held out as the test set")
+    resize: str = field(default="crop", metadata={
+        "help": "image folders: crop (the shorter side to the size, then the centre), squash, or pad"})
+    data_cache: str = field(default="auto", metadata={
+        "help": "image folders: decoded images in memory, memory-mapped from disk, or auto (disk when a split "
+                "would take over a quarter of the RAM)"})
+    cache_dir: Optional[str] = _option("where decoded image folders are cached ($MODERNCNN_CACHE, else "
+                                       "~/.cache/moderncnn)")
+    decode_workers: Optional[int] = _option("image folders: processes decoding the files (all cores)")
+    strict_data: bool = field(default=False, metadata={
+        "help": "image folders: stop at the first unreadable file instead of skipping it"})
     progressive_size: Optional[int] = _option("progressive resizing: train the first epochs at this smaller side, "
                                               "growing in 4-pixel steps to the full size (0: off)")
     progressive_fraction: Optional[float] = _option("share of the epochs progressive resizing spends below the "
@@ -146,13 +158,16 @@ class ModelSpec:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     native_size: Optional[List[int]] = None  # the dataset's stored image size (H, W)
     dataset: str = ""
+    resize: str = "crop"  # how image files were brought to native_size (runs of format 1 squashed them)
+    eval_crop: bool = False  # evaluation cuts the centre image_size out of native_size (random-resized-crop runs)
 
     def to_dict(self) -> Dict[str, Any]:
         """The flat keys a checkpoint and config.json carry."""
         return {"model_name": self.model_name, "model_kwargs": dict(self.model_kwargs),
                 "num_classes": self.num_classes, "in_chans": self.in_chans, "classes": list(self.classes),
                 "image_size": self.image_size, "native_size": self.native_size,
-                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "dataset": self.dataset}
+                "normalization": {"mean": list(self.mean), "std": list(self.std)}, "dataset": self.dataset,
+                "resize": self.resize, "eval_crop": self.eval_crop}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelSpec":
@@ -163,7 +178,8 @@ class ModelSpec:
                    mean=list(norm.get("mean") or [0.0] * channels), std=list(norm.get("std") or [1.0] * channels),
                    model_kwargs=dict(data.get("model_kwargs") or {}),
                    native_size=list(data["native_size"]) if data.get("native_size") else None,
-                   dataset=data.get("dataset") or "")
+                   dataset=data.get("dataset") or "", resize=data.get("resize") or "squash",
+                   eval_crop=bool(data.get("eval_crop")))
 
 
 @dataclass
@@ -179,6 +195,8 @@ class RunInfo:
     val_images: int = 0
     test_images: int = 0
     validation: str = ""  # where the validation set came from ("" without one)
+    data_storage: str = "memory"  # "disk": an image folder's decoded cache, memory-mapped
+    skipped_files: int = 0  # image-folder files that could not be decoded
     frozen: str = ""
     precision: str = "float32"
     world_size: int = 1
@@ -188,23 +206,26 @@ class RunInfo:
     def to_dict(self) -> Dict[str, Any]:
         out = {"format_version": self.format_version, "config": dataclasses.asdict(self.config),
                "resolved_from_recipe": self.config.recipe, "seed": self.config.seed, **self.spec.to_dict()}
-        out.update({k: getattr(self, k) for k in ("params", "trainable_params", "flops_per_image", "train_images",
-                                                  "val_images", "test_images", "validation", "frozen",
-                                                  "precision", "world_size", "versions")})
+        out.update({k: getattr(self, k) for k in _INFO_FIELDS})
         return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config.json") -> "RunInfo":
         version = check_version(data.get("format_version", 1), source)
         config = TrainConfig.from_dict(_migrate_config(data["config"], version), source)
-        kept = {k: data[k] for k in ("params", "trainable_params", "flops_per_image", "train_images", "val_images",
-                                     "test_images", "validation", "frozen", "precision", "world_size", "versions")
-                if data.get(k) is not None}
+        kept = {k: data[k] for k in _INFO_FIELDS if data.get(k) is not None}
         return cls(config=config, spec=ModelSpec.from_dict(data), **kept)
 
 
+_INFO_FIELDS = ("params", "trainable_params", "flops_per_image", "train_images", "val_images", "test_images",
+                "validation", "data_storage", "skipped_files", "frozen", "precision", "world_size", "versions")
+
+
 def _migrate_config(config: Dict[str, Any], version: int) -> Dict[str, Any]:
-    return dict(config)  # version 1 lacks val_split: its default (None) is what those runs did
+    config = dict(config)  # version 1 lacks val_split: its default (None) is what those runs did
+    if version == 1:
+        config.setdefault("resize", "squash")  # how version 1 resized image folders
+    return config
 
 
 def check_version(found, source) -> int:

@@ -7,24 +7,21 @@ the file and what is wrong, rather than loading half a dataset.
 from __future__ import annotations
 
 import gzip
-import hashlib
+import mmap
 import os
 import pickle
 import zlib
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 __all__ = ["DatasetError", "ImageDataset", "load_dataset", "DATASETS", "search_paths", "read_idx", "write_idx",
-           "read_cifar10", "read_image_folder", "normalization_stats", "has_validation_folder"]
+           "read_cifar10", "normalization_stats", "has_validation_folder"]
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
@@ -46,15 +43,17 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """A whole split in memory.
+    """A whole split: its decoded images in memory, or memory-mapped from an image folder's cache.
 
     Attributes:
         images: uint8 tensor N x C x H x W.
         labels: int64 tensor N.
         classes: class names, index = label.
         name: dataset name ("fashion-mnist", "imagefolder", ...).
-        split: "train", "test", or "val" (image folders with a ``val/`` folder: the validation set).
+        split: "train", "val" or "test".
         source: where it was read from.
+        storage: "memory", or "disk" where ``images`` maps an image folder's cache file.
+        skipped: the files an image folder could not decode, each with the reason.
     """
 
     images: torch.Tensor
@@ -63,6 +62,9 @@ class ImageDataset:
     name: str
     split: str = "train"
     source: str = ""
+    storage: str = "memory"
+    skipped: List[str] = field(default_factory=list)
+    mapped: Optional[np.ndarray] = field(default=None, repr=False)  # the np.memmap behind a "disk" split
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -96,7 +98,14 @@ class ImageDataset:
     def take(self, index: torch.Tensor, split: Optional[str] = None) -> "ImageDataset":
         """The samples at ``index`` (in that order), as split ``split`` (default: this one's)."""
         return ImageDataset(self.images[index], self.labels[index], self.classes, self.name, split or self.split,
-                            self.source)
+                            self.source, skipped=list(self.skipped))
+
+    def release_pages(self) -> None:
+        """A memory-mapped split: drop this process's resident pages of the map (the page cache keeps them),
+        so that the memory a process holds for the data stays bounded however much of the file it reads."""
+        mapping = getattr(self.mapped, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def split_validation(self, size: float, seed: int = 0) -> Tuple["ImageDataset", "ImageDataset"]:
         """(training, validation): a seeded, class-stratified hold-out of ``size`` samples (a count), or of
@@ -132,15 +141,20 @@ class ImageDataset:
                 f"classes={len(self.classes)})")
 
 
-def normalization_stats(images: torch.Tensor, chunk: int = 8192) -> Tuple[List[float], List[float]]:
-    """Per-channel mean and std of uint8 images, scaled to [0, 1] (computed in float64, in chunks)."""
+def normalization_stats(images: torch.Tensor, chunk_bytes: int = 64 << 20,
+                        after_chunk=None) -> Tuple[List[float], List[float]]:
+    """Per-channel mean and std of uint8 images, scaled to [0, 1] (computed in float64, in chunks of about
+    ``chunk_bytes``; ``after_chunk()`` runs after each, e.g. to release a memory map's pages)."""
     c = images.shape[1]
     total = torch.zeros(c, dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
+    chunk = max(1, chunk_bytes // (8 * max(1, images[0].numel()))) if len(images) else 1
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk].to(torch.float64).div_(255)
         total += x.sum(dim=(0, 2, 3))
         total_sq += x.square().sum(dim=(0, 2, 3))
+        if after_chunk is not None:
+            after_chunk()
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
@@ -349,99 +363,6 @@ def read_cifar10(directory: Path, split: str = "train") -> Optional[ImageDataset
     return None
 
 
-# --- image folders ---------------------------------------------------------------------------------------------
-def _list_class_folders(directory: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
-    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"{directory}: no class folders (expected {directory}/<class>/<image files>)")
-    samples = []
-    for index, cls in enumerate(classes):
-        files = sorted(p for p in (directory / cls).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DatasetError(f"{directory / cls}: empty class folder (no image files)")
-        samples += [(p, index) for p in files]
-    return classes, samples
-
-
-def _folder_signature(samples: Sequence[Tuple[Path, int]], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for path, label in samples:
-        st = path.stat()
-        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def _decode(path: Path, channels: Optional[int], size: Optional[Tuple[int, int]]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if channels is None:
-                channels = 1 if img.mode in ("L", "1", "I;16", "I") else 3
-            img = img.convert("L" if channels == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
-def _probe_image(path: Path) -> Tuple[str, Tuple[int, int]]:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as img:
-            return img.mode, (img.size[1], img.size[0])
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({exc})") from None
-
-
-def read_image_folder(directory: Path, image_size=None, channels: Optional[int] = None, use_cache: bool = True,
-                      split_name: str = "train", classes: Optional[List[str]] = None) -> ImageDataset:
-    """Decode ``directory/<class>/*`` once into memory, resized to ``image_size`` (int or (H, W)).
-
-    ``channels``: 1 (grayscale) or 3 (RGB); ``None`` picks 1 when every image is grayscale, else 3.
-    The decoded tensors are cached under ~/.cache/moderncnn/imagefolder; the cache key covers every
-    file's path, size and modification time, so any change to the folder invalidates it.
-    """
-    directory = Path(directory).expanduser().resolve()
-    found_classes, samples = _list_class_folders(directory)
-    if classes is not None and found_classes != classes:
-        missing = sorted(set(classes) ^ set(found_classes))
-        raise DatasetError(f"{directory}: class folders differ from the training split's ({', '.join(missing)})")
-    size = (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size) if image_size else None)
-    key = _folder_signature(samples, f"{directory}|{size}|{channels}|v1")
-    cache_file = cache_dir() / "imagefolder" / f"{key}.pt"
-    if use_cache and cache_file.is_file():
-        try:
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
-            return ImageDataset(cached["images"], cached["labels"], list(cached["classes"]), "imagefolder",
-                                split_name, str(directory))
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            cache_file.unlink(missing_ok=True)
-    if channels is None or size is None:
-        probes = [_probe_image(p) for p, _ in samples]
-        if channels is None:
-            channels = 1 if all(mode in ("L", "1", "I;16", "I") for mode, _ in probes) else 3
-        if size is None:
-            sizes = Counter(s for _, s in probes)
-            if len(sizes) > 1:
-                raise DatasetError(f"{directory}: images have {len(sizes)} different sizes "
-                                   f"(most common {sizes.most_common(1)[0][0]}); pass image_size to resize them")
-            size = next(iter(sizes))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda s: _decode(s[0], channels, size), samples, chunksize=64))
-    images = torch.from_numpy(np.stack(arrays))
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    if use_cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "labels": labels, "classes": found_classes}, tmp)
-        os.replace(tmp, cache_file)
-    return ImageDataset(images, labels, found_classes, "imagefolder", split_name, str(directory))
-
-
 # --- the entry point ---------------------------------------------------------------------------------------
 def _not_found(name: str, paths: List[Path]) -> DatasetError:
     where = "\n  ".join(str(p) for p in paths)
@@ -456,7 +377,7 @@ def _not_found(name: str, paths: List[Path]) -> DatasetError:
 
 def load_dataset(name: str, root: Optional[str] = None, split: str = "train", download: bool = False,
                  image_size=None, channels: Optional[int] = None, val_fraction: Optional[float] = None,
-                 seed: int = 0) -> ImageDataset:
+                 seed: int = 0, **folder_options) -> ImageDataset:
     """Load one split of a dataset into memory.
 
     Args:
@@ -467,6 +388,9 @@ def load_dataset(name: str, root: Optional[str] = None, split: str = "train", do
             ``root`` or ~/.cache/moderncnn/<name> when not found.
         image_size, channels: image folders only: resize to this size, force 1 or 3 channels.
         val_fraction: image folders without train/ and test/: hold out this seeded fraction as "test".
+        folder_options: image folders only: ``workers`` (decoding processes, default all cores), ``cache``
+            ("auto", "memory", "disk"), ``cache_root``, ``resize`` ("crop", "squash", "pad"), ``strict``
+            (see :func:`moderncnn.data.folder.read_image_folder`).
     """
     name = canonical_name(name)
     if split == "val" and name != "imagefolder":
@@ -474,7 +398,7 @@ def load_dataset(name: str, root: Optional[str] = None, split: str = "train", do
     if split not in ("train", "test", "val"):
         raise DatasetError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if name == "imagefolder":
-        return _load_image_folder(root, split, image_size, channels, val_fraction, seed)
+        return _load_image_folder(root, split, image_size, channels, val_fraction, seed, **folder_options)
     paths = search_paths(name, root)
     for directory in paths:
         if not directory.is_dir():
@@ -516,33 +440,34 @@ def has_validation_folder(root) -> bool:
     return bool(root) and (Path(root).expanduser() / "train").is_dir() and (Path(root).expanduser() / "val").is_dir()
 
 
-def _load_image_folder(root, split, image_size, channels, val_fraction, seed) -> ImageDataset:
+def _load_image_folder(root, split, image_size, channels, val_fraction, seed, **options) -> ImageDataset:
+    """One split of an image folder: DIR/train, DIR/test (or DIR/val as the test set where there is no
+    test/), DIR/val (split "val"), or a seeded ``val_fraction`` of DIR/train (or DIR) as the test set."""
+    from .folder import list_class_folders, read_image_folder
     if not root:
         raise _not_found("imagefolder", [])
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found")
-    split_dir = root / split
+    read = dict(image_size=image_size, channels=channels, **options)
     if split == "val":
-        if not ((root / "train").is_dir() and split_dir.is_dir()):
+        if not has_validation_folder(root):
             raise DatasetError(f"{root}: no val/ folder beside train/")
-        return read_image_folder(split_dir, image_size, channels, split_name="val",
-                                 classes=_list_class_folders(root / "train")[0])
+        return read_image_folder(root / "val", split_name="val", classes=list_class_folders(root / "train")[0], **read)
     if (root / "train").is_dir() and val_fraction is None:
-        classes = None
+        split_dir, classes = root / split, None
         if split == "test":
-            classes = _list_class_folders(root / "train")[0]
+            classes = list_class_folders(root / "train")[0]
             if not split_dir.is_dir():
                 split_dir = root / "val"
                 if not split_dir.is_dir():
                     raise DatasetError(f"{root}: has train/ but neither test/ nor val/; pass val_fraction")
-        return read_image_folder(split_dir, image_size, channels, split_name=split, classes=classes)
+        return read_image_folder(split_dir, split_name=split, classes=classes, **read)
     base = root / "train" if (root / "train").is_dir() else root
-    full = read_image_folder(base, image_size, channels, split_name=split)
+    full = read_image_folder(base, split_name=split, **read)
     fraction = 0.2 if val_fraction is None else float(val_fraction)
     if not 0 < fraction < 1:
         raise DatasetError(f"val_fraction must be between 0 and 1, got {fraction}")
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(len(full) * fraction)))
-    idx = (perm[:n_test] if split == "test" else perm[n_test:]).sort().values
-    return ImageDataset(full.images[idx], full.labels[idx], full.classes, "imagefolder", split, full.source)
+    return full.take((perm[:n_test] if split == "test" else perm[n_test:]).sort().values)

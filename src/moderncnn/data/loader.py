@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from .datasets import ImageDataset, normalization_stats
 
-__all__ = ["Augment", "Loader", "random_erasing", "resize", "crop_flip_gather"]
+__all__ = ["Augment", "Loader", "random_erasing", "resize", "crop_flip_gather", "random_resized_crop", "center_crop",
+           "RRC_STORAGE_RATIO"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Augment:
             other half in odd ones): Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (2024),
             sec. 3.6 -- every pair of epochs sees each image both ways, which helps short runs.
         erasing: probability of random erasing (a rectangle set to the mean), 0: off.
+        rrc: random-resized-crop (the ImageNet recipes' augmentation): a random box of ``rrc_scale`` of
+            the area and an aspect ratio in [3/4, 4/3], resized to the training size.
     """
 
     crop_padding: int = 4
@@ -35,12 +38,14 @@ class Augment:
     flip: bool = True
     erasing: float = 0.0
     alternate_flip: bool = False
+    rrc: bool = False
+    rrc_scale: Tuple[float, float] = (0.35, 1.0)
 
     @classmethod
     def parse(cls, spec: Union[str, "Augment", bool, None]) -> "Augment":
-        """"none", "crop", "flip", "crop+flip", "crop+flip+erase", with "altflip" for the alternating
-        flip in place of "flip" and "cropN" for a crop padded by N pixels instead of 4 (e.g. "crop2+flip";
-        or an Augment, or True/False)."""
+        """"none", "crop", "flip", "crop+flip", "crop+flip+erase", "rrc+flip", with "altflip" for the
+        alternating flip in place of "flip" and "cropN" for a crop padded by N pixels instead of 4 (e.g.
+        "crop2+flip"; or an Augment, or True/False)."""
         if isinstance(spec, Augment):
             return spec
         if spec is None or spec is True:
@@ -49,21 +54,53 @@ class Augment:
             return cls(crop_padding=0, flip=False, erasing=0.0)
         parts = set(str(spec).replace(",", "+").split("+"))
         crops = {p for p in parts if re.fullmatch(r"crop\d*", p)}
-        unknown = parts - crops - {"flip", "altflip", "erase"}
+        unknown = parts - crops - {"flip", "altflip", "erase", "rrc"}
         if unknown:
-            raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; "
-                             "use crop (or cropN, N pixels of padding), flip (or altflip), erase joined by +")
-        if len(crops) > 1:
-            raise ValueError(f"augmentation: {' and '.join(sorted(crops))} exclude each other; use one crop")
+            raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use crop (or cropN, N pixels of "
+                             f"padding) or rrc, flip (or altflip), erase joined by +")
+        if len(crops) > 1 or (crops and "rrc" in parts):
+            raise ValueError(f"augmentation: {' and '.join(sorted(crops | (parts & {'rrc'})))} exclude each other; "
+                             f"use one crop")
         padding = int(crops.pop()[4:] or 4) if crops else 0
         if {"flip", "altflip"} <= parts:
             raise ValueError("augmentation: flip and altflip exclude each other; use one")
         return cls(crop_padding=padding, flip=bool(parts & {"flip", "altflip"}),
-                   erasing=0.25 if "erase" in parts else 0.0, alternate_flip="altflip" in parts)
+                   erasing=0.25 if "erase" in parts else 0.0, alternate_flip="altflip" in parts, rrc="rrc" in parts)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.erasing)
+        return bool(self.crop_padding or self.flip or self.erasing or self.rrc)
+
+
+# torchvision's ImageNet convention: images stored at 256 for a 224 crop.
+RRC_STORAGE_RATIO = 256 / 224
+
+
+def random_resized_crop(x: torch.Tensor, size: Sequence[int], generator: Optional[torch.Generator],
+                        scale: Tuple[float, float] = (0.35, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """A random box per image (``scale`` of the area, aspect ratio in ``ratio`` on a log scale, clipped to
+    the image) resized to ``size`` (H, W) by bilinear sampling: one batched ``grid_sample`` on the device."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * h * w
+    aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    box_w = (area * aspect).sqrt().clamp(1, w)
+    box_h = (area / aspect).sqrt().clamp(1, h)
+    centre_x = torch.rand(n, device=dev, generator=generator) * (w - box_w) + box_w / 2
+    centre_y = torch.rand(n, device=dev, generator=generator) * (h - box_h) + box_h / 2
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = box_w / w, 2 * centre_x / w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = box_h / h, 2 * centre_y / h - 1
+    grid = F.affine_grid(theta, (n, x.shape[1], *size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The centre ``size`` (H, W) of each image (torchvision's evaluation crop)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return x[..., top:top + size[0], left:left + size[1]]
 
 
 def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.25,
@@ -156,13 +193,15 @@ class Loader:
         mean, std: normalisation constants (per channel); default: computed from ``dataset``. Pass the
             training split's constants to the test loader.
         channels_last: yield channels-last tensors.
+        eval_crop: outside training, cut the centre ``image_size`` out of larger stored images instead of
+            resizing them (the evaluation of random-resized-crop training, stored at 256 for 224).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, train: bool = True, augment=None,
                  image_size=None, device: Union[str, torch.device] = "cpu", seed: int = 0,
                  drop_last: Optional[bool] = None, rank: int = 0, world_size: int = 1,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, eval_crop: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -187,7 +226,12 @@ class Loader:
         self.mean = torch.tensor(self.mean_values, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(self.std_values, device=self.device).view(1, -1, 1, 1)
         self.channels_last = channels_last
-        self.images = dataset.images.to(self.device)
+        self.eval_crop = eval_crop
+        # A memory-mapped split stays on disk: each batch is gathered from the map (then moved to the device).
+        self.on_disk = dataset.storage == "disk"
+        image_bytes = max(1, math.prod(dataset.images.shape[1:]))
+        self._release_every = max(1, (32 << 20) // (image_bytes * self.batch_size))  # about every 32 MB read
+        self.images = dataset.images if self.on_disk else dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
         self.epoch = 0
         if self.augment.alternate_flip:  # which images epoch 0 flips, fixed by the seed (every rank agrees)
@@ -232,22 +276,31 @@ class Loader:
         """The images at ``index`` as a training/test batch of ``epoch`` (default: the current one);
         crop and flip are fused with the gather."""
         aug = self.augment
+        images, source = self.images, index
+        if self.on_disk and self.device.type != "cpu":
+            images = self.images[index.cpu()].to(self.device, non_blocking=True)
+            source = torch.arange(len(index), device=self.device)
         if self.train and (aug.crop_padding or aug.flip):
             mirrored = None
             if aug.alternate_flip:
                 parity = (self.epoch if epoch is None else epoch) % 2
                 mirrored = self.flipped_first[index.to(self.device)] ^ bool(parity)
-            images = crop_flip_gather(self.images, index, generator, aug.crop_padding, aug.flip, aug.padding_mode,
+            images = crop_flip_gather(images, source, generator, aug.crop_padding, aug.flip, aug.padding_mode,
                                       mirrored)
         else:
-            images = self.images[index]
+            images = images[source]
         return self._finish(images, generator)
 
     def _finish(self, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         aug = self.augment
         x = images.float()
-        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
-            x = resize(x.div_(255), self.image_size).sub_(self.mean).div_(self.std)
+        size = self.image_size or tuple(x.shape[-2:])
+        if self.train and aug.rrc:
+            x = random_resized_crop(x.div_(255), size, generator, aug.rrc_scale).sub_(self.mean).div_(self.std)
+        elif self.eval_crop and not self.train and tuple(x.shape[-2:]) != size:
+            x = center_crop(x, size).sub_(self.mean * 255).div_(self.std * 255)
+        elif tuple(x.shape[-2:]) != size:
+            x = resize(x.div_(255), size).sub_(self.mean).div_(self.std)
         else:  # one fused affine map from bytes to normalised values
             x = x.sub_(self.mean * 255).div_(self.std * 255)
         if self.train and aug.erasing:
@@ -273,3 +326,5 @@ class Loader:
         for b in range(start_batch, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.batch(idx, self.generator, epoch), self.labels[idx]
+            if self.on_disk and (b + 1) % self._release_every == 0:
+                self.dataset.release_pages()

@@ -140,7 +140,7 @@ class ImageClassifier(nn.Module):
             return
         if x.dim() != 4:
             raise ValueError(f"{self.model_name} expects a batch of images N x C x H x W, got shape {tuple(x.shape)}")
-        channels, side = self.min_input_size[0], self.min_input_size[1]
+        channels = self.min_input_size[0]
         if x.shape[1] != channels:
             raise ValueError(f"{self.model_name} was built for {channels}-channel images, got {x.shape[1]} channels")
         self.check_input_size(int(x.shape[-2]), int(x.shape[-1]))

@@ -49,6 +49,14 @@ def _epochs_words(history: List[EpochRecord]) -> str:
             f"training images)")
 
 
+def _folder_words(info) -> str:
+    if info.config.dataset != "imagefolder":
+        return ""
+    storage = "memory-mapped from the disk cache" if info.data_storage == "disk" else "decoded into memory"
+    skipped = f", {info.skipped_files} unreadable file{'s' if info.skipped_files != 1 else ''} skipped"
+    return f"; resized by {info.config.resize}, {storage}{skipped if info.skipped_files else ''}"
+
+
 def _figure(value: Optional[float]) -> str:
     return f"{value:.4f}" if value is not None else "-"
 
@@ -81,7 +89,7 @@ def _settings_rows(run: Run, classes: List[str]) -> List[str]:
         f"| FLOPs per image | {human(info.flops_per_image)} (multiply-add = 2) |",
         f"| data | {cfg.dataset}: {info.train_images:,} train / {info.test_images:,} test images, "
         f"{spec.in_chans}x{spec.image_size}x{spec.image_size}, {len(classes)} classes"
-        f"{', subset ' + str(cfg.subset) if cfg.subset else ''} |",
+        f"{', subset ' + str(cfg.subset) if cfg.subset else ''}{_folder_words(info)} |",
         f"| validation | {info.validation or 'none: no best.pt, the final weights (last.pt) are the model'} |",
         f"| normalisation | mean {spec.mean}, std {spec.std} (from the training set) |",
         f"| recipe | `{cfg.recipe}`: {cfg.describe_optimizer()}, {cfg.schedule} schedule"

@@ -169,6 +169,8 @@ class ConsoleLog(Callback):
         growing = (f" (the first trained from {cfg.progressive_size}x{cfg.progressive_size} up)"
                    if 0 < cfg.progressive_size < side else "")
         val = f" / {info.val_images:,} val" if info.val_images else ""
+        if info.data_storage == "disk":
+            val += ", memory-mapped from the disk cache"
         print(f"{'resuming' if state.epoch or state.step else 'training'} {cfg.model} ({info.params:,} params, "
               f"{info.flops_per_image / 1e6:.1f} MFLOPs/image) on {cfg.dataset} ({info.train_images:,} train{val} / "
               f"{info.test_images:,} test, {side}x{side}) | recipe {cfg.recipe}: {cfg.describe_optimizer()}, "

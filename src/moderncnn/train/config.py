@@ -132,6 +132,8 @@ def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> Train
     cfg = dataclasses.replace(config)
     recipe = _load_recipe(cfg.recipe)
     explicit = set(explicit or ())
+    if cfg.pretrained and cfg.augment is None and "augment" not in explicit:
+        cfg.augment = "rrc+flip"  # the ImageNet recipes' augmentation, for fine-tuning their weights
     defaults = TrainConfig()
     recipe_model_kwargs = recipe.pop("model_kwargs", {})
     for key, value in recipe.items():
@@ -216,6 +218,19 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"amp must be true, false or \"auto\", got {cfg.amp!r}")
     if cfg.init not in (None, *INITS):
         raise ValueError(f"init must be xavier or whiten, got {cfg.init!r}")
+    if cfg.rrc_scale is not None:
+        rrc_scale(cfg.rrc_scale)
+
+
+def rrc_scale(text) -> Tuple[float, float]:
+    """"0.35,1" -> (0.35, 1.0): the share of the image's area a random-resized crop covers."""
+    try:
+        low, high = (float(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError(f"rrc_scale must be LOW,HIGH (e.g. 0.35,1), got {text!r}") from None
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"rrc_scale must have 0 < LOW <= HIGH <= 1, got {text!r}")
+    return low, high
 
 
 # Fields of a replayed run that describe where and how that run ran, not what it trained.

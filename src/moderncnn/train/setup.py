@@ -5,19 +5,20 @@ import dataclasses
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..data import ImageDataset, Loader, has_validation_folder, load_dataset
+from ..data import Augment, ImageDataset, Loader, has_validation_folder, load_dataset
+from ..data.loader import RRC_STORAGE_RATIO
 from ..data.datasets import normalization_stats
 from ..models import create_model
 from ..models.pretrained import freeze_backbone
 from ..report.summary import count_parameters, summary
 from ..runs import ModelSpec, RunInfo, TrainConfig, run_name, software_versions
 from .budget import TrainingPlan
-from .config import RECIPES
+from .config import RECIPES, rrc_scale
 from .distributed import DistInfo, broadcast_object, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .optim import build_optimizer, ema_warmup_fn
@@ -105,6 +106,14 @@ class TrainSetup:
         return f"moderncnn train --resume {shlex.quote(str(self.run_dir))} --epochs {self.cfg.epochs}"
 
 
+def _stored_size(cfg: TrainConfig) -> Optional[int]:
+    """The side an image folder is decoded at: the training size, or larger for random-resized-crop, which
+    crops from images stored at 256 for 224 (torchvision's ratio) and evaluates on their centre."""
+    if cfg.image_size and Augment.parse(cfg.augment).rrc:
+        return int(round(cfg.image_size * RRC_STORAGE_RATIO))
+    return cfg.image_size
+
+
 def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Optional[ImageDataset], ImageDataset, str]:
     """(train, validation or None, test, where the validation set came from)."""
     if cfg.download and info.enabled:
@@ -115,17 +124,27 @@ def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Option
     kwargs = dict(root=cfg.data_dir, download=cfg.download and info.is_main)
     folder = cfg.dataset == "imagefolder"
     if folder:
-        kwargs.update(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        kwargs.update(image_size=_stored_size(cfg), val_fraction=cfg.val_fraction, seed=cfg.seed, resize=cfg.resize,
+                      cache=cfg.data_cache, cache_root=cfg.cache_dir, workers=cfg.decode_workers,
+                      strict=cfg.strict_data)
+    if folder and info.enabled and not info.is_main:
+        torch.distributed.barrier()  # rank 0 decodes the folder into the cache first; the others then map it
     train_set = load_dataset(cfg.dataset, split="train", **kwargs)
     test_set = load_dataset(cfg.dataset, split="test", **kwargs)
+    if folder and has_validation_folder(cfg.data_dir) and cfg.val_fraction is None and not cfg.val_split:
+        val_folder = load_dataset(cfg.dataset, split="val", **kwargs)
+    else:
+        val_folder = None
+    if folder and info.enabled and info.is_main:
+        torch.distributed.barrier()
     if cfg.subset:
         train_set, test_set = train_set.subset(cfg.subset, seed=cfg.seed), test_set.subset(cfg.subset, seed=cfg.seed)
     val_set, validation = None, ""
     if cfg.val_split:
         train_set, val_set = train_set.split_validation(cfg.val_split, seed=cfg.seed)
         validation = f"{len(val_set):,} images held out of the training set (--val-split {cfg.val_split:g})"
-    elif folder and cfg.val_fraction is None and has_validation_folder(cfg.data_dir):
-        val_set = load_dataset(cfg.dataset, split="val", **kwargs)
+    elif val_folder is not None:
+        val_set = val_folder
         validation = f"the val/ folder ({len(val_set):,} images)"
     return train_set, val_set, test_set, validation
 
@@ -176,9 +195,12 @@ def _loaders(cfg, sets, image_size, mean, std, device, info) -> Tuple[Loader, Op
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                          f"{info.world_size} processes")
     per_rank = cfg.batch_size // info.world_size
+    augment = Augment.parse(cfg.augment)
+    if augment.rrc and cfg.rrc_scale:
+        augment = dataclasses.replace(augment, rrc_scale=rrc_scale(cfg.rrc_scale))
     common = dict(image_size=image_size, device=device, rank=info.rank, world_size=info.world_size, mean=mean,
-                  std=std, channels_last=cfg.channels_last)
-    train = Loader(train_set, per_rank, train=True, augment=cfg.augment, seed=cfg.seed, **common)
+                  std=std, channels_last=cfg.channels_last, eval_crop=augment.rrc)
+    train = Loader(train_set, per_rank, train=True, augment=augment, seed=cfg.seed, **common)
     val = Loader(val_set, max(per_rank, 256), train=False, **common) if val_set is not None else None
     return train, val, Loader(test_set, max(per_rank, 256), train=False, **common)
 
@@ -210,18 +232,23 @@ def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
     train_set, val_set, test_set, validation = _load_splits(cfg, dist)
     image_size = cfg.image_size or train_set.images.shape[-1]
     channels = train_set.images.shape[1]
-    mean, std = normalization_stats(train_set.images) if cfg.normalize else ([0.0] * channels, [1.0] * channels)
+    # The statistics read the whole split; a memory-mapped one's pages are released as they go.
+    mean, std = (normalization_stats(train_set.images, after_chunk=train_set.release_pages) if cfg.normalize
+                 else ([0.0] * channels, [1.0] * channels))
     model, model_kwargs, frozen, head_lr_mult = _build_model(cfg, train_set, image_size)
     if cfg.init == "whiten" and not cfg.pretrained and not resuming:
         whiten_first_conv(model, train_set.images, mean, std, image_size=image_size)
     if getattr(model, "pretrained_cfg", None) and cfg.normalize:
         mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
     spec = ModelSpec(cfg.model, train_set.num_classes, channels, image_size, list(train_set.classes), mean, std,
-                     model_kwargs, list(train_set.images.shape[-2:]), cfg.dataset)
+                     model_kwargs, list(train_set.images.shape[-2:]), cfg.dataset, cfg.resize,
+                     eval_crop=Augment.parse(cfg.augment).rrc and train_set.images.shape[-1] > image_size)
+    splits = [s for s in (train_set, val_set, test_set) if s is not None]
     info = RunInfo(cfg, spec, count_parameters(model), count_parameters(model, trainable_only=True),
                    summary(model, (1, channels, image_size, image_size)).total_flops, len(train_set),
-                   len(val_set) if val_set is not None else 0, len(test_set), validation, frozen,
-                   precision_name(amp_dtype), dist.world_size, software_versions(device))
+                   len(val_set) if val_set is not None else 0, len(test_set), validation, train_set.storage,
+                   sum(len(s.skipped) for s in splits), frozen, precision_name(amp_dtype), dist.world_size,
+                   software_versions(device))
     model, net = _place(model, cfg, device, dist)
     train_loader, val_loader, test_loader = _loaders(cfg, (train_set, val_set, test_set), image_size, mean, std,
                                                      device, dist)
