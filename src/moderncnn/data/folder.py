@@ -115,16 +115,20 @@ def decode_image(path: Path, channels: int, size: Optional[Tuple[int, int]], res
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _decode_chunk(task) -> List[Tuple[Optional[np.ndarray], str]]:
-    """A pool task: (array or None, why not) for each of the files."""
-    paths, channels, size, resize = task
-    out = []
-    for path in paths:
+def _decode_chunk(task) -> Tuple[int, List[str]]:
+    """A pool task: decode the files into their rows of the cache file (the worker writes them itself, so
+    no pixels cross between processes); returns the first row and, per file, why it failed ("" if not)."""
+    paths, start, channels, size, resize, npy = task
+    images = np.load(npy, mmap_mode="r+")
+    reasons = []
+    for offset, path in enumerate(paths):
         try:
-            out.append((decode_image(Path(path), channels, size, resize), ""))
+            images[start + offset] = decode_image(Path(path), channels, size, resize)
+            reasons.append("")
         except DatasetError as exc:
-            out.append((None, str(exc)))
-    return out
+            reasons.append(str(exc))
+    _release_written(images)
+    return start, reasons
 
 
 def _probe(samples, channels, size) -> Tuple[int, Tuple[int, int]]:
@@ -155,13 +159,15 @@ def _signature(directory: Path, samples, settings: str) -> str:
     return h.hexdigest()[:24]
 
 
-def _compact(target: Path, kept: int) -> None:
-    """Shrink images.npy to its first ``kept`` rows (after skipped files), a chunk at a time."""
+def _compact(target: Path, keep: np.ndarray) -> None:
+    """Drop the rows of skipped files from images.npy, a chunk at a time."""
     full = np.load(target / "images.npy", mmap_mode="r")
-    small = np.lib.format.open_memmap(target / "compact.npy", mode="w+", dtype=np.uint8, shape=(kept, *full.shape[1:]))
-    for start in range(0, kept, 4096):
-        small[start:start + 4096] = full[start:min(kept, start + 4096)]
-    small.flush()
+    rows = np.flatnonzero(keep)
+    small = np.lib.format.open_memmap(target / "compact.npy", mode="w+", dtype=np.uint8,
+                                      shape=(len(rows), *full.shape[1:]))
+    for start in range(0, len(rows), 4096):
+        small[start:start + 4096] = full[rows[start:start + 4096]]
+        _release_written(small)
     del small, full
     os.replace(target / "compact.npy", target / "images.npy")
 
@@ -169,32 +175,28 @@ def _compact(target: Path, kept: int) -> None:
 def _decode_all(samples, channels: int, size, resize: str, workers: int, strict: bool, target: Path) -> List[str]:
     """Decode every file into ``target``/images.npy and labels.npy with ``workers`` processes; returns the
     skipped files' reasons (``strict``: the first bad file is an error instead)."""
-    images = np.lib.format.open_memmap(target / "images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(len(samples), channels, *size))
+    npy = target / "images.npy"
+    # The file is made at its full size here; the workers fill its rows.
+    np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(samples), channels, *size)).flush()
     paths = [str(p) for p, _ in samples]
-    tasks = [(paths[i:i + _CHUNK], channels, size, resize) for i in range(0, len(paths), _CHUNK)]
-    labels, skipped, index = [], [], 0
+    tasks = [(paths[i:i + _CHUNK], i, channels, size, resize, str(npy)) for i in range(0, len(paths), _CHUNK)]
+    keep, skipped = np.ones(len(samples), dtype=bool), []
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(tasks) > 1 else None
     try:
-        for chunk in (pool.map(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)):
-            for array, reason in chunk:
-                if array is None:
+        for start, reasons in (pool.map(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)):
+            for offset, reason in enumerate(reasons):
+                if reason:
                     if strict:
                         raise DatasetError(f"{reason} (strict data: the first bad file stops the run)")
+                    keep[start + offset] = False
                     skipped.append(reason)
-                else:
-                    images[len(labels)] = array
-                    labels.append(samples[index][1])
-                index += 1
-            _release_written(images)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    images.flush()
-    del images
-    if len(labels) < len(samples):
-        _compact(target, len(labels))
-    np.save(target / "labels.npy", np.asarray(labels, dtype=np.int64))
+    if not keep.all():
+        _compact(target, keep)
+    labels = np.asarray([label for (_, label), kept in zip(samples, keep) if kept], dtype=np.int64)
+    np.save(target / "labels.npy", labels)
     return skipped
 
 
