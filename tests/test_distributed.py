@@ -60,6 +60,7 @@ def test_sync_bn_on_cpu_is_refused(tmp_path):
     assert "--sync-bn needs CUDA" in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_share_one_image_folder_cache(tmp_path):
     import numpy as np

@@ -86,6 +86,7 @@ def test_disk_mode_maps_the_cache_and_gives_the_same_batches(tmp_path, cache):
     assert torch.equal(disk.images, memory.images)
 
 
+@pytest.mark.slow
 def test_a_run_gives_the_same_metrics_from_memory_and_from_disk(tmp_path, cache):
     root = make_folder(tmp_path / "f", n=16, size=(32, 32))
     for mode in ("memory", "disk"):

@@ -303,6 +303,7 @@ def test_every_train_flag_has_help_with_its_default_and_compare_takes_them_all()
     assert "(default: 0.2 in the fast recipe)" in " ".join(train_help.split())
 
 
+@pytest.mark.slow
 def test_compare_passes_every_train_option_on(data_dir, tmp_path):
     code = main(["compare", "--models", "densenet_bc_fmnist", "--dataset", "mnist", "--data-dir", str(data_dir),
                  "--epochs", "1", "--batch-size", "64", "--label-smoothing", "0.2", "--val-split", "32",
@@ -326,7 +327,7 @@ class EpochRecorder(Callback):
 
     def on_step_end(self, run, state, step):
         if step.step == 0:
-            self.events.append(("step", step.epoch, float(step.loss)))
+            self.events.append(("step", step.epoch, step.loss.detach().item()))
 
     def on_epoch_end(self, run, state, record):
         self.events.append(("epoch", record.epoch, record.test_acc, state.done))

@@ -101,6 +101,7 @@ def test_live_curves_draw_once_per_evaluation_in_place(data_dir, tmp_path, monke
     assert calls[1][1] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_notebook_shows_a_live_bar_live_curves_and_the_report(data_dir, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
