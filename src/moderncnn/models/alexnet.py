@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from .layers import ImageClassifier, mlp_head
+from .layers import FeaturesPoolMLP, mlp_head
 from .registry import register_model
 
 __all__ = ["AlexNet", "alexnet", "alexnet_d2l"]
 
 
-class AlexNet(ImageClassifier):
+class AlexNet(FeaturesPoolMLP):
     """Five convolutions and three max-pools, then a two-hidden-layer classifier.
 
     Args:
@@ -51,15 +50,6 @@ class AlexNet(ImageClassifier):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((pooled_size, pooled_size))
         self.classifier = mlp_head(c5 * pooled_size * pooled_size, hidden, num_classes, dropout, dropout_first)
-
-    first_conv = "features.0"
-    classifier_name = "classifier.6"
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 @register_model

@@ -19,6 +19,7 @@ from torch import nn
 __all__ = [
     "InputTooSmallError",
     "ImageClassifier",
+    "FeaturesPoolMLP",
     "Downsample",
     "min_input_size",
     "conv_bn_act",
@@ -155,6 +156,20 @@ class ImageClassifier(nn.Module):
                             f"small_input=True where it has that option.")
         raise InputTooSmallError(f"{self.model_name} needs inputs of at least {side}x{side} pixels; "
                                  f"{source or 'got'} {height}x{width}. {remedy}")
+
+
+class FeaturesPoolMLP(ImageClassifier):
+    """AlexNet and VGG's shape: ``features`` (convolutions from ``features.0``), an adaptive ``avgpool``, then
+    the two-hidden-layer ``classifier`` of :func:`mlp_head` (its last linear is ``classifier.6``)."""
+
+    first_conv = "features.0"
+    classifier_name = "classifier.6"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 def _compiling() -> bool:

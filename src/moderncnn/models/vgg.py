@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-import torch
 from torch import nn
 
-from .layers import ImageClassifier, init_kaiming, mlp_head
+from .layers import FeaturesPoolMLP, init_kaiming, mlp_head
 from .registry import register_model
 
 __all__ = ["VGG", "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vgg_d2l"]
@@ -21,7 +20,7 @@ _CONV_ARCH = {
 }
 
 
-class VGG(ImageClassifier):
+class VGG(FeaturesPoolMLP):
     """Stages of 3x3 convolutions, each closed by a 2x2 max-pool, then a 4096-4096 classifier.
 
     Args:
@@ -51,15 +50,6 @@ class VGG(ImageClassifier):
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = mlp_head(channels * 7 * 7, hidden, num_classes, dropout)
         init_kaiming(self, linear_std=0.01)  # torchvision's initialisation
-
-    first_conv = "features.0"
-    classifier_name = "classifier.6"
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
 def _vgg(arch: str, batch_norm: bool, num_classes: int, in_chans: int, **kwargs) -> VGG:
