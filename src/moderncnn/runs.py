@@ -63,6 +63,14 @@ class TrainConfig:
     optimizer: Optional[str] = _option("muon: Muon for the conv filters, SGD (--lr) for the rest")
     muon_lr: Optional[float] = _option("peak learning rate of the conv filters under --optimizer muon")
     momentum: Optional[float] = _option("momentum (Nesterov for SGD and Muon)")
+    muon_momentum: Optional[float] = _option("momentum of the conv filters under --optimizer muon (unset: "
+                                             "--momentum)")
+    muon_normalize: Optional[bool] = _option("under --optimizer muon, rescale each filter bank to norm "
+                                             "sqrt(out_channels) before its step (airbench)")
+    bias_lr: Optional[float] = _option("peak learning rate of norms and biases (unset: --lr)")
+    first_conv_bias_epochs: Optional[float] = _option(
+        "train the first convolution's bias for these first epochs only, its learning rate decaying to zero "
+        "over them (airbench's whitening bias; 0: all epochs)")
     schedule: Optional[str] = _option("learning-rate schedule, stepped every batch")
     warmup: Optional[float] = _option("linear warm-up length in epochs")
     weight_decay: Optional[float] = _option("weight decay (not on norms and biases)")
@@ -125,10 +133,14 @@ class TrainConfig:
     def describe_optimizer(self) -> str:
         """``sgd lr 0.2 momentum 0.9``; under Muon both learning rates and which parameters take which."""
         sgd = f"sgd lr {self.lr:g} momentum {self.momentum:g}"
+        biases = (f"norms and biases at lr {self.bias_lr:g}" if self.bias_lr is not None and self.bias_lr != self.lr
+                  else "")
         if self.optimizer == "sgd":
-            return sgd
+            return f"{sgd} ({biases})" if biases else sgd
         if self.optimizer == "muon":
-            return f"muon lr {self.muon_lr:g} (conv filters) + {sgd} (the rest)"
+            momentum = self.momentum if self.muon_momentum is None else self.muon_momentum
+            rest = f"the rest; {biases}" if biases else "the rest"
+            return f"muon lr {self.muon_lr:g} momentum {momentum:g} (conv filters) + {sgd} ({rest})"
         return f"{self.optimizer} lr {self.lr:g}"
 
     @classmethod

@@ -18,6 +18,7 @@ budget was planned as 6 epochs and used 103 s of it.
 """
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 import time
@@ -213,9 +214,17 @@ class TrainingPlan:
     def lr_factor(self, step: int) -> float:
         return self.lr_shape.factor(step, self.total_steps)
 
+    def group_lr_factor(self, train_steps: int, step: int) -> float:
+        """The factor of a parameter group that trains for its first ``train_steps`` steps only: the run's
+        schedule shape squeezed into them, then zero."""
+        return self.lr_shape.factor(step, train_steps) if step < train_steps else 0.0
+
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        """A per-step scheduler whose length is this plan's, whatever it becomes."""
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        """A per-step scheduler whose length is this plan's, whatever it becomes; groups with ``train_steps``
+        (:func:`~moderncnn.train.optim.param_groups`) follow :meth:`group_lr_factor`."""
+        factors = [functools.partial(self.group_lr_factor, g["train_steps"]) if g.get("train_steps")
+                   else self.lr_factor for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
     @property
     def epochs(self) -> int:

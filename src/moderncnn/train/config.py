@@ -21,7 +21,7 @@ DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
     augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
-    eval_every=1, channels_last=False,
+    eval_every=1, channels_last=False, muon_normalize=False, first_conv_bias_epochs=0.0,
 )
 
 # The most epochs a run with a time budget plans when --epochs is not given (a bound for the planner's
@@ -32,7 +32,7 @@ BUDGET_MAX_EPOCHS = 10_000
 # learning rate is not given).
 BASE_LR = {"sgd": 0.1, "adamw": 2e-3, "adam": 1e-3, "muon": 0.1}
 OPTIMIZERS = tuple(BASE_LR)  # what --optimizer takes
-SCHEDULES = ("cosine", "onecycle", "step", "constant")  # what --schedule takes
+SCHEDULES = ("cosine", "onecycle", "linear", "step", "constant")  # what --schedule takes
 # The conv filters' default peak rate under Muon. CIFAR-10 probes (3 epochs, README): 0.02 < 0.05 = 0.1.
 MUON_LR = 0.05
 
@@ -77,6 +77,19 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                         model_kwargs=dict(bn_size=4, stem_stride=1, stem_pool=True), epochs=33, batch_size=128,
                         optimizer="muon", muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
                         label_smoothing=0.1, augment="crop+flip+erase", tta=2, ema=0.0, channels_last=True),
+    # The airbench94_muon method (Jordan, arXiv 2404.00498) on the VGG-family vgg_airbench: frozen 2x2
+    # patch-whitening convolution set from the training images, its bias trained for the first 3 epochs
+    # only; Muon (momentum 0.6, filters renormalised each step) for the filters, Nesterov SGD (momentum
+    # 0.85) for the head and the BatchNorm shifts; every rate decays linearly to zero; label smoothing 0.2;
+    # translate-2 crops with the alternating flip; flip + shift TTA. airbench sums the loss over its
+    # batch: the rates here are its head 0.67 and bias 0.053 times the batch of 1000 (the same steps with
+    # a mean loss), and its decay of 2e-6 per image and step on the head comes to 2e-6 / 0.67.
+    "cifar10-speedrun": dict(dataset="cifar10", model="vgg_airbench", epochs=8, batch_size=1000,
+                             optimizer="muon", muon_lr=0.24, muon_momentum=0.6, muon_normalize=True,
+                             momentum=0.85, lr=670.0, bias_lr=53.0, weight_decay=3e-6, schedule="linear",
+                             warmup=0.0, label_smoothing=0.2, augment="crop2+altflip", tta=2, ema=0.0,
+                             init="whiten", first_conv_bias_epochs=3, channels_last=True, amp="auto",
+                             eval_every=0, progressive_size=0),
     # The GPU recipes: DenseNet-BC (L=100, k=12) of the paper, bf16 autocast, channels-last, batch 512.
     # Epochs as measured on one H100 (benchmarks/gpu_recipes.sh, sized to this project's 15 minutes of device
     # time). cifar10-gpu: Muon for the filters, 25 epochs (what `--budget 370` planned), alone on the GPU:
@@ -173,6 +186,8 @@ INITS = ("xavier", "whiten")  # what --init takes
 
 # field -> (lowest, highest, whether each bound is allowed): numbers outside are refused before anything runs.
 _RANGES = {"lr": (0, math.inf, False, False), "muon_lr": (0, math.inf, False, False),
+           "bias_lr": (0, math.inf, False, False), "muon_momentum": (0, 1, True, False),
+           "first_conv_bias_epochs": (0, math.inf, True, False),
            "momentum": (0, 1, True, False), "warmup": (0, math.inf, True, False),
            "weight_decay": (0, math.inf, True, False), "label_smoothing": (0, 1, True, False),
            "ema": (0, 1, True, False), "grad_clip": (0, math.inf, True, False),

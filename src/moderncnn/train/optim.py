@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -15,34 +15,47 @@ __all__ = ["param_groups", "build_optimizer", "Muon", "orthogonalize", "LRSchedu
 
 
 def param_groups(model: nn.Module, weight_decay: float, head_lr_mult: float = 1.0,
-                 head_names: Iterable[str] = ()) -> List[dict]:
+                 head_names: Iterable[str] = (), train_steps: Optional[Dict[nn.Parameter, int]] = None) -> List[dict]:
     """Split trainable parameters: weight decay for weights of convs/linears only (not norms, not biases,
-    not the scalar WRC weights); ``head_lr_mult`` scales the learning rate of the ``head_names`` modules."""
+    not the scalar WRC weights); ``head_lr_mult`` scales the learning rate of the ``head_names`` modules.
+    Parameters in ``train_steps`` get a group of their own whose ``train_steps`` key ends their training
+    after that many steps (the schedule brings their learning rate to zero by then).
+
+    Every group says what it holds: ``no_decay`` (norms and biases) and ``lr_mult``."""
     head_prefixes = tuple(f"{h}." for h in head_names)
+    limited = {id(p): steps for p, steps in (train_steps or {}).items()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1
         is_head = bool(head_prefixes) and name.startswith(head_prefixes)
-        key = (no_decay, is_head)
+        steps = limited.get(id(p), 0)
+        key = (no_decay, is_head, steps)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "no_decay": no_decay,
                            "lr_mult": head_lr_mult if is_head else 1.0}
+            if steps:
+                groups[key]["train_steps"] = steps
         groups[key]["params"].append(p)
     return [g for _, g in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    head_lr_mult: float = 1.0, head_names: Iterable[str] = (),
-                    muon_lr: float | None = None) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay, head_lr_mult, head_names)
+                    head_lr_mult: float = 1.0, head_names: Iterable[str] = (), muon_lr: float | None = None,
+                    bias_lr: float | None = None, muon_momentum: float | None = None, muon_normalize: bool = False,
+                    train_steps: Optional[Dict[nn.Parameter, int]] = None) -> torch.optim.Optimizer:
+    """The optimizer of a run. ``bias_lr`` is the peak rate of norms and biases (default ``lr``); under Muon,
+    ``muon_lr``, ``muon_momentum`` and ``muon_normalize`` configure the filters' groups (see :class:`Muon`)."""
+    groups = param_groups(model, weight_decay, head_lr_mult, head_names, train_steps)
     for g in groups:
-        g["lr"] = lr * g["lr_mult"]
+        g["lr"] = (bias_lr if g["no_decay"] and bias_lr is not None else lr) * g["lr_mult"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if name == "muon":
-        return Muon(_split_filters(groups, MUON_LR if muon_lr is None else muon_lr), lr=lr, momentum=momentum)
+        filters = dict(lr=MUON_LR if muon_lr is None else muon_lr, normalize=muon_normalize,
+                       momentum=momentum if muon_momentum is None else muon_momentum)
+        return Muon(_split_filters(groups, filters), lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "adam":
@@ -50,16 +63,17 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def _split_filters(groups: List[dict], muon_lr: float) -> List[dict]:
-    """Move the convolution filters (4-D weights) of each group into a Muon group of their own."""
+def _split_filters(groups: List[dict], filters: dict) -> List[dict]:
+    """Move the convolution filters (4-D weights) of each group into a Muon group of their own, with the
+    ``filters`` settings (lr, momentum, normalize); the learning rate keeps the group's ``lr_mult``."""
     out = []
     for g in groups:
-        filters = [p for p in g["params"] if p.ndim == 4]
+        banks = [p for p in g["params"] if p.ndim == 4]
         rest = [p for p in g["params"] if p.ndim != 4]
         if rest:
             out.append({**g, "params": rest, "muon": False})
-        if filters:
-            out.append({**g, "params": filters, "muon": True, "lr": muon_lr * g["lr_mult"]})
+        if banks:
+            out.append({**g, **filters, "params": banks, "muon": True, "lr": filters["lr"] * g["lr_mult"]})
     return out
 
 
@@ -130,7 +144,9 @@ class Muon(torch.optim.Optimizer):
 
     Groups flagged ``muon`` take the Nesterov-momentum update, orthogonalize it per filter bank
     (``orthogonalize``), scale it by ``sqrt(max(1, out / in))`` so that tall and wide matrices move
-    alike, and apply weight decay decoupled (``p *= 1 - lr * wd``). Other groups are plain SGD
+    alike, and apply weight decay decoupled (``p *= 1 - lr * wd``). Groups flagged ``normalize`` first rescale
+    each filter bank to norm ``sqrt(out_channels)`` (airbench's Muon: with BatchNorm after the convolution the
+    scale is free, so this pins the effective step size instead of letting growing weights shrink it). Other groups are plain SGD
     (``torch.optim.SGD``'s update with ``nesterov=True``, coupled weight decay). Orthogonal updates
     change every direction of a filter bank at the same rate, where SGD's follow the gradient's few
     dominant directions; the airbench CIFAR-10 speed runs reach the same accuracy in fewer steps with it.
@@ -140,7 +156,8 @@ class Muon(torch.optim.Optimizer):
                  ns_steps: int = 5):
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"Muon needs lr > 0 and momentum in [0, 1), got {lr} and {momentum}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False, ns_steps=ns_steps)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False, ns_steps=ns_steps,
+                        normalize=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -171,6 +188,9 @@ class Muon(torch.optim.Optimizer):
             for rows, pairs in filters.items():
                 for batch in _width_batches(pairs):
                     params, updates = (list(t) for t in zip(*batch))
+                    if group["normalize"]:
+                        for p, norm in zip(params, torch._foreach_norm(params)):
+                            p.mul_(rows ** 0.5 / norm)
                     steps = orthogonalize(updates, group["ns_steps"])
                     # tall banks (more outputs than inputs) move as far as wide ones: sqrt(max(1, out / in))
                     torch._foreach_mul_(steps, [-lr * max(1.0, rows / _cols(p)) ** 0.5 for p in params])
@@ -183,7 +203,7 @@ class LRSchedule:
     """Learning-rate factor as a function of the optimizer step (a picklable LambdaLR function).
 
     ``warmup_steps`` of linear warm-up from 0.1x (unless the schedule brings its own), then:
-    cosine (to 0), onecycle (linear up for 25% of the steps to the peak, then cosine down to 1/1000,
+    cosine (to 0), linear (to 0, airbench's decay), onecycle (linear up for 25% of the steps to the peak, then cosine down to 1/1000,
     Smith & Topin), step (x0.1 at 50% and 75%), or constant.
     """
 
@@ -203,6 +223,8 @@ class LRSchedule:
             return 1.0
         if self.kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "linear":
+            return 1.0 - t
         if self.kind == "step":
             return 1.0 if t < 0.5 else (0.1 if t < 0.75 else 0.01)
         if self.kind == "onecycle":

@@ -205,6 +205,17 @@ def _loaders(cfg, sets, image_size, mean, std, device, info) -> Tuple[Loader, Op
     return train, val, Loader(test_set, max(per_rank, 256), train=False, **common)
 
 
+def _first_conv_bias_steps(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> dict:
+    """{the first convolution's bias: the steps it trains} under --first-conv-bias-epochs, else {}."""
+    if not cfg.first_conv_bias_epochs:
+        return {}
+    bias = model.get_submodule(model.first_conv).bias
+    if bias is None or not bias.requires_grad:
+        raise ValueError(f"--first-conv-bias-epochs: {cfg.model}'s first convolution ({model.first_conv}) has no "
+                         f"trainable bias")
+    return {bias: max(1, int(round(cfg.first_conv_bias_epochs * steps_per_epoch)))}
+
+
 def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     run_dir = Path(broadcast_object(str(Path(cfg.out) / (cfg.name or run_name(cfg.model, cfg.dataset))), info))
     if info.is_main:
@@ -252,11 +263,13 @@ def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
     model, net = _place(model, cfg, device, dist)
     train_loader, val_loader, test_loader = _loaders(cfg, (train_set, val_set, test_set), image_size, mean, std,
                                                      device, dist)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
-                                head_lr_mult=head_lr_mult, head_names=model.head_names if frozen else (),
-                                muon_lr=cfg.muon_lr)
     plan = TrainingPlan(cfg, len(train_loader), image_size, len(train_set), len(test_set) + info.val_images,
                         agree=lambda steps: int(broadcast_object(int(steps), dist)))
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                head_lr_mult=head_lr_mult, head_names=model.head_names if frozen else (),
+                                muon_lr=cfg.muon_lr, bias_lr=cfg.bias_lr, muon_momentum=cfg.muon_momentum,
+                                muon_normalize=bool(cfg.muon_normalize),
+                                train_steps=_first_conv_bias_steps(model, cfg, len(train_loader)))
     ema = None
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel

@@ -1,0 +1,123 @@
+"""The CIFAR-10 speed run: the airbench network, its recipe, and the trainer features it needs (per-group
+learning rates, a bias trained for the first steps only, frozen parameters, Muon's filter renormalisation)."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moderncnn
+from moderncnn.models.vgg import AirbenchVGG
+from moderncnn.train.budget import TrainingPlan
+from moderncnn.train.config import resolve_config
+from moderncnn.train.optim import LRSchedule, Muon, build_optimizer
+from moderncnn.runs import TrainConfig, load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import make_cifar_python  # noqa: E402
+
+
+def test_airbench_network_shape_and_frozen_parts():
+    net = moderncnn.create_model("vgg_airbench")
+    assert net.whiten.weight.shape == (24, 3, 2, 2) and not net.whiten.weight.requires_grad
+    assert net.whiten.bias.requires_grad
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6 and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(m.momentum == pytest.approx(0.4) and m.eps == 1e-12 for m in norms)
+    widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)][1:]
+    assert widths == [64, 64, 256, 256, 256, 256]
+    assert net.head.bias is None and net.head.weight.std().item() == pytest.approx(1.0, rel=1e-5)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert net.min_input_size == (3, 9, 9)
+
+
+def test_airbench_convs_start_as_identity_and_head_is_scaled():
+    net = AirbenchVGG(num_classes=4, in_chans=1, widths=(8, 16, 16))
+    conv = net.features[1][0]  # the first group's first conv: 8 whitening channels in, 8 out
+    x = torch.randn(2, conv.in_channels, 6, 6)
+    assert torch.allclose(conv(x), x, atol=1e-6)
+    second = net.features[2][4]  # 16 -> 16: identity on all of them
+    y = torch.randn(2, 16, 5, 5)
+    assert torch.allclose(second(y), y, atol=1e-6)
+    features = torch.randn(3, 16, 2, 2)
+    expected = net.head(features.amax((2, 3))) / 16
+    assert torch.allclose(net.forward_head(features), expected)
+
+
+def test_speedrun_recipe_resolves_to_the_airbench_method():
+    cfg = resolve_config(TrainConfig(recipe="cifar10-speedrun"))
+    assert (cfg.model, cfg.dataset, cfg.optimizer, cfg.schedule, cfg.init) == (
+        "vgg_airbench", "cifar10", "muon", "linear", "whiten")
+    assert (cfg.muon_lr, cfg.muon_momentum, cfg.muon_normalize, cfg.momentum) == (0.24, 0.6, True, 0.85)
+    assert cfg.batch_size >= 1000 and cfg.lr == pytest.approx(0.67 * cfg.batch_size)
+    assert cfg.bias_lr == pytest.approx(0.053 * cfg.batch_size)
+    assert (cfg.label_smoothing, cfg.augment, cfg.tta, cfg.first_conv_bias_epochs) == (0.2, "crop2+altflip", 2, 3)
+    assert cfg.amp == "auto" and cfg.channels_last
+    assert "muon lr 0.24 momentum 0.6" in cfg.describe_optimizer() and "norms and biases at lr 53" in cfg.describe_optimizer()
+
+
+def test_linear_schedule_decays_to_zero():
+    schedule = LRSchedule("linear", 100)
+    assert [schedule(s) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]
+
+
+def test_bias_lr_and_a_bias_that_trains_for_its_first_steps_only():
+    net = AirbenchVGG(widths=(8, 8, 8))
+    cfg = resolve_config(TrainConfig(recipe="cifar10-speedrun", epochs=4, first_conv_bias_epochs=1))
+    opt = build_optimizer(net, "muon", cfg.lr, cfg.weight_decay, cfg.momentum, muon_lr=cfg.muon_lr,
+                          bias_lr=cfg.bias_lr, muon_momentum=cfg.muon_momentum, muon_normalize=True,
+                          train_steps={net.whiten.bias: 10})
+    by_kind = {(g["muon"], g["no_decay"], g.get("train_steps", 0)): g for g in opt.param_groups}
+    assert by_kind[(False, True, 10)]["params"] == [net.whiten.bias]
+    assert by_kind[(False, True, 0)]["lr"] == cfg.bias_lr  # the BatchNorm shifts
+    assert by_kind[(False, False, 0)]["lr"] == cfg.lr and by_kind[(False, False, 0)]["params"] == [net.head.weight]
+    assert by_kind[(True, False, 0)]["lr"] == 0.24 and by_kind[(True, False, 0)]["momentum"] == 0.6
+    assert all(p is not net.whiten.weight for g in opt.param_groups for p in g["params"])  # frozen: not optimised
+    plan = TrainingPlan(cfg, steps_per_epoch=10, image_size=32, train_images=100, eval_images=10)
+    scheduler = plan.scheduler(opt)
+    factors = []
+    for step in range(12):
+        factors.append([g["lr"] / g["initial_lr"] for g in opt.param_groups])
+        opt.step()
+        scheduler.step()
+    bias_group, other = (next(i for i, g in enumerate(opt.param_groups) if g is by_kind[key])
+                         for key in ((False, True, 10), (False, True, 0)))
+    assert [round(f[bias_group], 3) for f in factors[:3]] == [1.0, 0.9, 0.8]
+    assert factors[10][bias_group] == factors[11][bias_group] == 0.0
+    assert factors[10][other] == pytest.approx(1 - 10 / 40)  # the rest decays over the whole run
+
+
+def test_muon_normalize_pins_each_filter_bank_norm():
+    conv = nn.Conv2d(4, 6, 3, bias=False)
+    opt = Muon([{"params": [conv.weight], "muon": True, "normalize": True}], lr=0.1, momentum=0.6)
+    conv.weight.data.mul_(10)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    opt.step()
+    # renormalised to sqrt(6) before the orthogonal step of length about 0.1 * sqrt(min(6, 36))
+    assert abs(conv.weight.norm().item() - math.sqrt(6)) < 0.1 * math.sqrt(6) + 1e-3
+
+
+def test_speedrun_recipe_trains_on_cifar_files(tmp_path):
+    make_cifar_python(tmp_path / "data", n=60)
+    result = moderncnn.train(recipe="cifar10-speedrun", data_dir=str(tmp_path / "data"), epochs=3, batch_size=20,
+                             lr=0.67 * 20, bias_lr=0.053 * 20, first_conv_bias_epochs=1, val_split=20,
+                             model_kwargs=dict(widths=(8, 16, 16)), out=str(tmp_path), name="run", progress=False)
+    assert result.config.model == "vgg_airbench" and len(result.history) == 3
+    assert 0 <= result.final_acc <= 1 and result.val_acc is not None
+    model = load_model(tmp_path / "run")
+    fresh = AirbenchVGG(widths=(8, 16, 16))
+    # the whitening filters were set from the images and stayed frozen: eigenvectors and their negations
+    assert not torch.allclose(model.whiten.weight, fresh.whiten.weight)
+    assert torch.allclose(model.whiten.weight[:12], -model.whiten.weight[12:])
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_first_conv_bias_epochs_needs_a_bias(tmp_path):
+    make_cifar_python(tmp_path / "data", n=20)
+    with pytest.raises(ValueError, match="has no trainable bias"):
+        moderncnn.train(dataset="cifar10", data_dir=str(tmp_path / "data"), model="resnet18", epochs=1,
+                        model_kwargs=dict(small_input=True), first_conv_bias_epochs=1, out=str(tmp_path),
+                        progress=False, batch_size=10)
