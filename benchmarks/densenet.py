@@ -6,7 +6,7 @@
 Prints the table of `moderncnn bench` (train images/s, peak memory, inference images/s and the ratios to
 torchvision's same network); with --memory-plot also measures DenseNet-121's peak training memory against
 batch size (ours normal / memory-efficient vs torchvision normal / memory-efficient) and saves
-benchmarks/results/densenet121_memory.png.
+docs/img/densenet121_memory.png.
 """
 import argparse
 from pathlib import Path
@@ -66,7 +66,7 @@ def main():
                       args.amp, args.channels_last, repeats=args.repeats)
     if args.memory_plot:
         memory_curve(args.input, [int(b) for b in args.batches.split(",")], args.device,
-                     Path(__file__).parent / "results" / "densenet121_memory.png")
+                     Path(__file__).parent.parent / "docs" / "img" / "densenet121_memory.png")
 
 
 if __name__ == "__main__":

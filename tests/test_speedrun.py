@@ -121,3 +121,21 @@ def test_first_conv_bias_epochs_needs_a_bias(tmp_path):
         moderncnn.train(dataset="cifar10", data_dir=str(tmp_path / "data"), model="resnet18", epochs=1,
                         model_kwargs=dict(small_input=True), first_conv_bias_epochs=1, out=str(tmp_path),
                         progress=False, batch_size=10)
+
+
+def test_speedrun_rates_and_whitening_belong_to_its_model():
+    other = resolve_config(TrainConfig(recipe="cifar10-speedrun", model="densenet_bc_cifar"))
+    assert (other.optimizer, other.schedule, other.batch_size, other.augment) == ("muon", "linear", 1000,
+                                                                                 "crop2+altflip")
+    assert other.init is None and other.bias_lr is None and not other.first_conv_bias_epochs
+    assert other.lr == pytest.approx(0.1 * 1000 / 128)  # the default rate for the batch, not 670
+    mine = resolve_config(TrainConfig(recipe="cifar10-speedrun", lr=500.0), explicit={"lr"})
+    assert mine.lr == 500.0 and mine.bias_lr == 53.0
+
+
+def test_model_arguments_scoped_to_one_model():
+    kwargs = {"resnet18:small_input": True, "num_blocks": 2, "vgg_airbench:widths": (8, 8, 8)}
+    resnet = resolve_config(TrainConfig(model="resnet18", model_kwargs=kwargs))
+    assert resnet.model_kwargs == {"small_input": True, "num_blocks": 2}
+    vgg = resolve_config(TrainConfig(model="vgg_airbench", model_kwargs=kwargs))
+    assert vgg.model_kwargs == {"num_blocks": 2, "widths": (8, 8, 8)}

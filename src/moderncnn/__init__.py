@@ -5,12 +5,13 @@ The names below load on first use: ``import moderncnn.models`` builds models wit
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> the module that defines it
 _EXPORTS = {
     "create_model": "moderncnn.models", "list_models": "moderncnn.models", "register_model": "moderncnn.models",
     "UnknownModelError": "moderncnn.models", "InputTooSmallError": "moderncnn.models",
+    "ImageClassifier": "moderncnn.models",
     "optimize_for_inference": "moderncnn.models.inference", "summary": "moderncnn.report.summary",
     "TrainConfig": "moderncnn.runs", "load_model": "moderncnn.runs", "load_run": "moderncnn.runs",
     "Callback": "moderncnn.train.callbacks", "show_run": "moderncnn.report.notebook",

@@ -171,7 +171,7 @@ def cmd_models(args) -> int:
 
 
 def _summary_arguments(p):
-    p.add_argument("model")
+    p.add_argument("model", help="registered model name (see moderncnn models)")
     p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default: 1x96x96)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
@@ -205,7 +205,8 @@ def cmd_train(args) -> int:
 
 
 def _eval_arguments(p):
-    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT",
+                   help="a run directory (its best.pt, else last.pt) or a checkpoint file")
     p.add_argument("--dataset", default=None, help="another dataset's test split (default: the run's)")
     p.add_argument("--data-dir", default=None, help="where that dataset is (default: the run's)")
     p.add_argument("--subset", type=int, default=None, help="at most N test images (default: all)")
@@ -230,7 +231,8 @@ def cmd_eval(args) -> int:
 
 
 def _predict_arguments(p):
-    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx",
+                   help="a run directory, a checkpoint file, or an exported ONNX model")
     p.add_argument("images", nargs="+", metavar="PATH", help="image files, directories (searched recursively) "
                                                              "or globs")
     p.add_argument("--top-k", type=int, default=3, help="(default: 3)")
@@ -292,7 +294,7 @@ def cmd_bench(args) -> int:
 
 
 def _export_arguments(p):
-    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="the trained run or checkpoint to export")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
     p.add_argument("--output", default=None, help="file to write (default: model.onnx / model.pt beside the run)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
