@@ -1,4 +1,6 @@
 """`moderncnn bench`: the side-by-side table, for networks with and without a torchvision twin."""
+import re
+
 from moderncnn.bench import has_torchvision_counterpart, run_benchmark
 
 
@@ -12,8 +14,24 @@ def test_bench_pairs_torchvision_twins_and_measures_our_own_networks_alone():
     assert "tv_train" not in ours and "tv_eval" not in ours
     assert ours["ours_train"]["images_per_second"] > 0 and ours["ours_train_me"]["images_per_second"] > 0
     assert paired["tv_train"]["impl"] == "torchvision" and paired["ours_train"]["impl"] == "moderncnn"
+    assert "tv_train_cl" in paired and "tv_train_cl" not in ours  # torchvision channels-last: the vs tv-CL column
     text = "\n".join(printed)
     assert "densenet_bc_cifar (cpu, input 3x32x32, train batch 2, eval batch 2): no torchvision counterpart" in text
     assert "torchvision train" in text.split("resnet18")[1] and text.count("optimize_for_inference") == 2
-    ratio_lines = [l for l in text.split("resnet18")[1].splitlines() if l.strip().startswith("moderncnn train")]
-    assert ratio_lines and ratio_lines[0].rstrip().endswith("x")  # speed and memory against torchvision
+    resnet = text.split("resnet18")[1]
+    assert "vs tv-CL" in resnet and "torchvision train, channels-last" in resnet
+    ratio_lines = [l for l in resnet.splitlines() if l.strip().startswith("moderncnn train")]
+    assert ratio_lines and len(re.findall(r"\d\.\d\dx", ratio_lines[0])) == 3  # vs tv, vs tv-CL, memory vs tv
+
+
+def test_memory_is_measured_pinned_and_as_run_in_fresh_processes():
+    from moderncnn.bench import _measure_isolated
+    r = _measure_isolated(dict(impl="moderncnn", name="densenet_bc_cifar", mode="train_me", input_size=[3, 32, 32],
+                               batch=2, steps=1, warmup=1))
+    assert r["peak_mb"] > 0 and r["peak_mb_as_run"] > 0
+
+
+def test_pinning_glibc_mmap_threshold():
+    import platform
+    from moderncnn.train.malloc import pin_mmap_threshold
+    assert pin_mmap_threshold() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

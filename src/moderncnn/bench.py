@@ -1,9 +1,12 @@
 """Side-by-side speed and memory against torchvision's same networks, measured in the same run.
 
 For each model: training images/s (normal mode, and memory-efficient mode for DenseNets), peak memory,
-and inference images/s of :func:`optimize_for_inference` against torchvision's ``eval()``. On the CPU
-every training configuration runs in a fresh subprocess, so its peak RSS is its own; on CUDA the peak is
-``torch.cuda.max_memory_allocated``. Ratios are ours / torchvision's.
+and inference images/s of :func:`optimize_for_inference` against torchvision's ``eval()``. Ratios are ours /
+torchvision's, against torchvision as it comes (``vs tv``) and at its best eager setting, channels-last
+(``vs tv-CL``). On the CPU every configuration runs in a fresh subprocess, so its peak RSS is its own, and
+peak memory is measured twice: with glibc's mmap threshold pinned for both sides (live memory), and as a
+plain process runs it (as a user of ``moderncnn train`` sees it; the memory-efficient mode pins the threshold
+itself there, as the trainer does). On CUDA the peak is ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -74,6 +77,9 @@ def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in training (which sets it too)
+    if dev.type == "cpu" and impl == "moderncnn" and mode == "train_me":
+        from .train.malloc import pin_mmap_threshold
+        pin_mmap_threshold()  # as `moderncnn train --memory-efficient` does
     torch.manual_seed(0)
     c = input_size[0]
     model = _build(impl, name, 10, c, mode == "train_me", model_kwargs).to(dev)
@@ -152,12 +158,14 @@ def _subprocess_measure(args: Dict, pin_malloc: bool) -> Dict:
 
 
 def _measure_isolated(args: Dict) -> Dict:
-    """Speed in one fresh interpreter, peak RSS (one step, pinned malloc) in another: each figure belongs
-    to this configuration alone."""
+    """Speed in one fresh interpreter; peak RSS of one step in two more, one with glibc's mmap threshold
+    pinned (``peak_mb``: live memory) and one as a plain process runs (``peak_mb_as_run``). Each figure
+    belongs to this configuration alone."""
     result = _subprocess_measure(args, pin_malloc=False)
     if args.get("mode", "").startswith("train"):
-        memory = _subprocess_measure(dict(args, steps=1, warmup=1, repeats=1), pin_malloc=True)
-        result["peak_mb"] = memory["peak_mb"]
+        one_step = dict(args, steps=1, warmup=1, repeats=1)
+        result["peak_mb"] = _subprocess_measure(one_step, pin_malloc=True)["peak_mb"]
+        result["peak_mb_as_run"] = _subprocess_measure(one_step, pin_malloc=False)["peak_mb"]
     return result
 
 
@@ -184,6 +192,9 @@ def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64
         for impl in ("torchvision", "moderncnn") if paired else ("moderncnn",):
             key = "tv" if impl == "torchvision" else "ours"
             r[f"{key}_train"] = run(dict(base, impl=impl, mode="train", batch=batch))
+            if impl == "torchvision":  # torchvision at its best eager setting: the reference of `vs tv-CL`
+                r["tv_train_cl"] = (r["tv_train"] if channels_last else
+                                    run(dict(base, impl=impl, mode="train", batch=batch, channels_last=True)))
             if dense:
                 r[f"{key}_train_me"] = run(dict(base, impl=impl, mode="train_me", batch=batch))
         if paired:
@@ -196,27 +207,38 @@ def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64
     return rows
 
 
+def _ratio(value: Optional[float], reference: Optional[float]) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
+
+
 def _format_row(r: Dict) -> str:
-    tv, ours, opt = r.get("tv_train"), r["ours_train"], r["ours_eval_opt"]
+    tv, tv_cl, ours, opt = r.get("tv_train"), r.get("tv_train_cl"), r["ours_train"], r["ours_eval_opt"]
+    as_run = "peak_mb_as_run" in ours
     lines = [f"\n{r['model']} ({ours['device']}, input {'x'.join(map(str, r['input_size']))}, train batch "
              f"{ours['batch']}, eval batch {opt['batch']}){'' if tv else ': no torchvision counterpart'}",
-             f"  {'configuration':34s} {'img/s':>8s} {'peak MB':>9s} {'speed vs tv':>12s} {'memory vs tv':>13s}"]
+             f"  {'configuration':36s} {'img/s':>8s} {'vs tv':>7s} {'vs tv-CL':>9s} {'peak MB':>8s} {'mem vs tv':>10s}"
+             + (f" {'as run MB':>10s} {'mem vs tv':>10s}" if as_run else "")]
 
-    def line(label, m, ref=tv, memory=True):
-        ratios = (f"{m['images_per_second'] / ref['images_per_second']:11.2f}x" if ref else f"{'-':>12s}")
+    def line(label, m, speed_refs=(tv, tv_cl), memory=True):
+        text = f"  {label:36s} {m['images_per_second']:8.1f}"
+        text += "".join(f" {_ratio(m['images_per_second'], ref and ref['images_per_second']):>{w}s}"
+                        for ref, w in zip(speed_refs, (7, 9)))
         if memory:
-            ratios += f" {m['peak_mb'] / tv['peak_mb']:12.2f}x" if tv else f" {'-':>13s}"
-        lines.append(f"  {label:34s} {m['images_per_second']:8.1f} "
-                     f"{format(m['peak_mb'], '9.0f') if memory else ' ' * 9} {ratios}")
+            text += f" {m['peak_mb']:8.0f} {_ratio(m['peak_mb'], tv and tv['peak_mb']):>10s}"
+            if as_run:
+                text += (f" {m.get('peak_mb_as_run', float('nan')):10.0f} "
+                         f"{_ratio(m.get('peak_mb_as_run'), tv and tv.get('peak_mb_as_run')):>10s}")
+        lines.append(text)
 
     if tv:
         line("torchvision train", tv)
+        line("torchvision train, channels-last", tv_cl)
     if "tv_train_me" in r:
         line("torchvision train memory_efficient", r["tv_train_me"])
     line("moderncnn train", ours)
     if "ours_train_me" in r:
         line("moderncnn train memory_efficient", r["ours_train_me"])
     if "tv_eval" in r:
-        lines.append(f"  {'torchvision eval()':34s} {r['tv_eval']['images_per_second']:8.1f}")
-    line("moderncnn optimize_for_inference", opt, ref=r.get("tv_eval"), memory=False)
+        lines.append(f"  {'torchvision eval()':36s} {r['tv_eval']['images_per_second']:8.1f}")
+    line("moderncnn optimize_for_inference", opt, speed_refs=(r.get("tv_eval"), None), memory=False)
     return "\n".join(lines)

@@ -175,7 +175,8 @@ class ConsoleLog(Callback):
               f"{info.flops_per_image / 1e6:.1f} MFLOPs/image) on {cfg.dataset} ({info.train_images:,} train{val} / "
               f"{info.test_images:,} test, {side}x{side}) | recipe {cfg.recipe}: {cfg.describe_optimizer()}, "
               f"{cfg.schedule}, batch {cfg.batch_size}, {length}{growing} | "
-              f"{run.device}{f' x{run.dist.world_size}' if run.dist.enabled else ''}, {info.precision} -> "
+              f"{run.device}{f' x{run.dist.world_size}' if run.dist.enabled else ''}, {info.precision}"
+              f"{f', {run.allocator}' if run.allocator else ''} -> "
               f"{run.run_dir}", flush=True)
 
     def on_epoch_end(self, run, state, record):

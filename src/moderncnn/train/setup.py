@@ -21,6 +21,7 @@ from .budget import TrainingPlan
 from .config import RECIPES, rrc_scale
 from .distributed import DistInfo, broadcast_object, setup_distributed
 from .init import whiten_first_conv, xavier_init
+from .malloc import MMAP_THRESHOLD, pin_mmap_threshold
 from .optim import build_optimizer, ema_warmup_fn
 
 __all__ = ["TrainSetup", "build_setup", "pick_device", "autocast_dtype", "cpu_has_native_bf16", "precision_name"]
@@ -89,6 +90,7 @@ class TrainSetup:
     val_loader: Optional[Loader]
     test_loader: Loader
     run_dir: Path = field(default_factory=Path)
+    allocator: str = ""  # what was changed in the process's allocator, for the start line
 
     @property
     def spec(self) -> ModelSpec:
@@ -216,6 +218,14 @@ def _first_conv_bias_steps(model: nn.Module, cfg: TrainConfig, steps_per_epoch: 
     return {bias: max(1, int(round(cfg.first_conv_bias_epochs * steps_per_epoch)))}
 
 
+def _tune_allocator(cfg: TrainConfig, device: torch.device) -> str:
+    """A memory-efficient run on the CPU pins glibc's mmap threshold (see malloc.py): without it, glibc keeps
+    freed activation buffers and the memory the mode saves stays in the process."""
+    if device.type != "cpu" or not cfg.model_kwargs.get("memory_efficient"):
+        return ""
+    return f"glibc mmap threshold pinned at {MMAP_THRESHOLD // 1024} KiB" if pin_mmap_threshold() else ""
+
+
 def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     run_dir = Path(broadcast_object(str(Path(cfg.out) / (cfg.name or run_name(cfg.model, cfg.dataset))), info))
     if info.is_main:
@@ -277,4 +287,5 @@ def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     run_dir = Path(cfg.resume) if resuming else _new_run_dir(cfg, dist)
     return TrainSetup(cfg, device, dist, amp_dtype, train_set, val_set, test_set, info, model, net, optimizer,
-                      plan.scheduler(optimizer), ema, criterion, plan, train_loader, val_loader, test_loader, run_dir)
+                      plan.scheduler(optimizer), ema, criterion, plan, train_loader, val_loader, test_loader, run_dir,
+                      _tune_allocator(cfg, device))
