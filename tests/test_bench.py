@@ -1,6 +1,8 @@
 """`moderncnn bench`: the side-by-side table, for networks with and without a torchvision twin."""
 import re
 
+import pytest
+
 from moderncnn.bench import has_torchvision_counterpart, run_benchmark
 
 
@@ -24,6 +26,7 @@ def test_bench_pairs_torchvision_twins_and_measures_our_own_networks_alone():
     assert ratio_lines and len(re.findall(r"\d\.\d\dx", ratio_lines[0])) == 3  # vs tv, vs tv-CL, memory vs tv
 
 
+@pytest.mark.slow
 def test_memory_is_measured_pinned_and_as_run_in_fresh_processes():
     from moderncnn.bench import _measure_isolated
     r = _measure_isolated(dict(impl="moderncnn", name="densenet_bc_cifar", mode="train_me", input_size=[3, 32, 32],
