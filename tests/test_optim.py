@@ -168,6 +168,6 @@ def test_training_with_muon_learns_and_resumes(tmp_path):
     result = moderncnn.train(epochs=1, name="muon", **common)
     assert result.final_acc > 0.5  # 10 classes: chance is 0.1
     report = (tmp_path / "muon" / "report.md").read_text()
-    assert "muon lr 0.05 (conv filters) + sgd lr 0.2 momentum 0.9 (the rest)" in report
+    assert "muon lr 0.05 momentum 0.9 (conv filters) + sgd lr 0.2 momentum 0.9 (the rest)" in report
     resumed = moderncnn.train(epochs=2, name="muon", resume=str(tmp_path / "muon"), **common)
     assert resumed.config.optimizer == "muon" and len(resumed.history) == 2
