@@ -192,7 +192,7 @@ def _predict_onnx(path: Path, images, top_k: int):
     meta = _onnx_meta(path)
     x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
                     meta.get("native_size"), meta.get("resize", "squash"), meta.get("eval_crop", False)).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = runtime.run(None, {runtime.get_inputs()[0].name: x})[0]
     probs = torch.from_numpy(logits).softmax(1)
     return _top(images, probs, meta["classes"], top_k)
