@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from moderncnn.train.budget import parse_budget
+
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo's, with family and model numbers where the name is generic)."""
@@ -59,11 +61,6 @@ def speedrun(seed: int, args, extra) -> dict:
                 val_acc=result.val_acc, test_acc=result.final_acc, run_dir=str(result.run_dir))
 
 
-def _budget(text):
-    from moderncnn.train.budget import parse_budget
-    return parse_budget(text)
-
-
 def mean_std(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -80,7 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="CIFAR-10 as image folders (train/, test/)")
     parser.add_argument("--runs", type=int, default=5, help="number of seeds (0, 1, ..., N-1)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--budget", default=None, type=_budget,
+    parser.add_argument("--budget", default=None, type=parse_budget,
                         help="time budget of each run (e.g. 10m); default: the recipe's epochs")
     parser.add_argument("--name-prefix", default="", help="prefix of the run directories' names")
     parser.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="parent of the run directories")
