@@ -434,8 +434,8 @@ def test_densenet_no_grad_path_stays_bfloat16_under_autocast():
 
 
 def test_memory_efficient_densenet_under_autocast_trains():
-    # The memory-efficient layer calls fp32 kernels itself; under bf16 autocast it must fall back to the
-    # ordinary path (it failed with a dtype mismatch in cuDNN/oneDNN before) and match that path's output.
+    # Memory-efficient training under bf16 autocast (the shared-statistics block runs in bf16; it failed
+    # with a dtype mismatch in cuDNN/oneDNN when the layers called fp32 kernels themselves).
     torch.manual_seed(0)
     model = create_model("densenet_bc_100", num_classes=10, memory_efficient=True).train()
     x = torch.randn(2, 3, 32, 32)

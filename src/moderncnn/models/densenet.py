@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .dense_shared_norm import LAYER_PARAMS, SharedNormDenseBlock, batch_norm_momentum, layer_parameters
 from .layers import CSPStage, ImageClassifier, init_kaiming
 from .registry import register_model
 
@@ -41,19 +42,6 @@ def _eval_norm_relu(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1)).relu_()
 
 
-_PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias", "conv2.weight",
-           "conv2.bias")
-
-
-def _layer_params(layer: "DenseLayer") -> list:
-    out = []
-    for name in _PARAMS:
-        module_name, attr = name.split(".")
-        module = getattr(layer, module_name, None)
-        out.append(getattr(module, attr, None) if module is not None else None)
-    return out
-
-
 def _bn_train(x, norm: nn.BatchNorm2d, momentum: float):
     """Training-mode BN through the aten op, which also returns the batch statistics backward needs."""
     return torch.ops.aten.native_batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True,
@@ -74,7 +62,7 @@ class _EfficientDenseLayer(torch.autograd.Function):
     def forward(ctx, layer: "DenseLayer", momentum1: float, momentum2: float, *tensors):
         # tensors: the layer's 8 parameters (None where absent), then the input feature maps; parameters
         # are passed in so that autograd (and DDP's hooks) deliver their gradients as usual.
-        inputs = tensors[len(_PARAMS):]
+        inputs = tensors[len(LAYER_PARAMS):]
         x = torch.cat(inputs, 1)
         a, mean1, invstd1 = _bn_train(x, layer.norm1, momentum1)
         a = a.relu_()
@@ -98,7 +86,7 @@ class _EfficientDenseLayer(torch.autograd.Function):
         else:
             mean1, invstd1, *inputs = ctx.saved_tensors
         grads = {}
-        params = _layer_params(layer)
+        params = layer_parameters(layer)
 
         def norm_relu(x, norm, mean, invstd):  # recompute relu(bn(x)) with the statistics of forward
             shape = (1, -1, 1, 1)
@@ -164,19 +152,15 @@ class DenseLayer(nn.Module):
             return self.conv1(_eval_norm_relu(self.norm1, x))
         return self.conv1(self.relu1(self.norm1(x)))
 
-    def _momentum(self, norm: nn.BatchNorm2d) -> float:
-        # What nn.BatchNorm2d does in training: count the batch, cumulative average when momentum is None.
-        norm.num_batches_tracked.add_(1)
-        return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-
     def forward_efficient(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        momentum1 = self._momentum(self.norm1)
-        momentum2 = self._momentum(self.norm2) if self.bottleneck else 0.0
-        return _EfficientDenseLayer.apply(self, momentum1, momentum2, *_layer_params(self), *inputs)
+        momentum1 = batch_norm_momentum(self.norm1)
+        momentum2 = batch_norm_momentum(self.norm2) if self.bottleneck else 0.0
+        return _EfficientDenseLayer.apply(self, momentum1, momentum2, *layer_parameters(self), *inputs)
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        # The custom autograd function calls the fp32 kernels directly, so under autocast (mixed
-        # precision) the layer takes the ordinary autograd path and keeps its concatenated inputs.
+        # Reached in training only where the block's shared path steps aside (dropout, other norms). The
+        # per-layer function calls the kernels in the parameters' dtype, so under autocast the layer takes
+        # the ordinary autograd path.
         if (self.memory_efficient and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting()
                 and self.norm1.track_running_stats and not torch.is_autocast_enabled(inputs[0].device.type)):
             out = self.forward_efficient(inputs)
@@ -190,7 +174,16 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers; the output is the input concatenated with every layer's output."""
+    """``num_layers`` dense layers; the output is the input concatenated with every layer's output.
+
+    In training, the block normalises each feature map once and shares its batch statistics with every
+    later layer (``dense_shared_norm``); ``shared_statistics = False`` selects torchvision's path, where
+    each layer concatenates its inputs and normalises them again. Both give the same outputs, gradients and
+    running statistics. The shared path steps aside for dropout, for norms other than ``nn.BatchNorm2d``
+    (SyncBatchNorm's statistics are synchronised by its own layers) and under TorchScript.
+    """
+
+    shared_statistics: bool = True
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int = 4,
                  drop_rate: float = 0.0, memory_efficient: bool = False, bias: bool = False):
@@ -203,10 +196,32 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and not torch.jit.is_scripting() and not torch.jit.is_tracing():
             return self._forward_buffer(x)
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and self._can_share_statistics(x):
+            return self._forward_shared(x)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+    @torch.jit.unused
+    def _can_share_statistics(self, x: torch.Tensor) -> bool:
+        if not (self.training and self.shared_statistics and x.dim() == 4 and x.is_floating_point()):
+            return False
+        layers = list(self.values())
+        eps = layers[0].norm1.eps
+        return all(type(layer.norm1) is nn.BatchNorm2d and layer.norm1.affine and layer.norm1.track_running_stats
+                   and layer.norm1.eps == eps and layer.drop_rate == 0 for layer in layers)
+
+    @torch.jit.unused
+    @torch.compiler.disable
+    def _forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the block runs in the autocast dtype (the buffers too); the statistics stay fp32.
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        layers = list(self.values())
+        params = [p for layer in layers for p in layer_parameters(layer)]
+        return SharedNormDenseBlock.apply(self, layers[0].memory_efficient, layers[0].norm1.eps, x, *params)
 
     @torch.jit.unused
     def _forward_buffer(self, x: torch.Tensor) -> torch.Tensor:
