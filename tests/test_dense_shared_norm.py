@@ -55,7 +55,8 @@ def test_shared_statistics_equal_the_ordinary_path(name, in_chans, size, memory_
     # fp32: one step, within rounding. (Over several steps, BatchNorm at a small batch amplifies fp32
     # rounding: torchvision's own path in two memory layouts drifts apart too; fp64 below checks steps.)
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, in_chans=in_chans, memory_efficient=memory_efficient).train()
+    model = create_model(name, num_classes=10, in_chans=in_chans, memory_efficient=memory_efficient,
+                         shared_statistics=True).train()
     ref = ordinary_copy(model).set_memory_efficient(False)
     x, y = torch.randn(8, in_chans, size, size), torch.randint(0, 10, (8,))
     out, expected = model(x), ref(x)
@@ -75,7 +76,7 @@ def test_shared_statistics_equal_the_ordinary_path(name, in_chans, size, memory_
 def test_shared_statistics_equal_the_ordinary_path_over_sgd_steps_in_float64(cross_stage_partial, memory_efficient):
     torch.manual_seed(0)
     model = create_model("densenet_bc_100", num_classes=10, memory_efficient=memory_efficient, block_config=(3, 4, 3),
-                         cross_stage_partial=cross_stage_partial).double().train()
+                         cross_stage_partial=cross_stage_partial, shared_statistics=True).double().train()
     ref = ordinary_copy(model).set_memory_efficient(False)
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref)]
@@ -96,7 +97,7 @@ def test_shared_path_matches_torchvision_in_training(shared_calls):
     # In float64, so that the comparison is exact rather than a matter of fp32 rounding.
     torch.manual_seed(0)
     reference = torchvision.models.densenet121(num_classes=10).double().train()
-    model = create_model("densenet121", num_classes=10).double().train()
+    model = create_model("densenet121", num_classes=10, shared_statistics=True).double().train()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     out, expected = model(x), reference(x)
@@ -135,8 +136,8 @@ def test_memory_efficient_runs_shared_under_bfloat16_autocast(shared_calls):
 
 def test_torch_compile_trains_through_the_shared_path():
     torch.manual_seed(0)
-    model = create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2)).train()
-    ref = ordinary_copy(model)
+    model = create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2), memory_efficient=True).train()
+    ref = ordinary_copy(model).set_memory_efficient(False)
     compiled = torch.compile(model, backend="aot_eager")
     x = torch.randn(4, 3, 32, 32)
     out = compiled(x)
@@ -148,7 +149,8 @@ def test_torch_compile_trains_through_the_shared_path():
 
 
 def test_dropout_steps_aside_to_the_ordinary_path(shared_calls):
-    model = create_model("densenet_bc_100", num_classes=10, drop_rate=0.2, block_config=(2, 2, 2)).train()
+    model = create_model("densenet_bc_100", num_classes=10, drop_rate=0.2, block_config=(2, 2, 2),
+                         shared_statistics=True).train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert shared_calls == []
 
@@ -156,7 +158,7 @@ def test_dropout_steps_aside_to_the_ordinary_path(shared_calls):
 def test_sync_batchnorm_steps_aside(shared_calls):
     # SyncBatchNorm synchronises its statistics inside its own layers, so the block must run them.
     model = nn.SyncBatchNorm.convert_sync_batchnorm(create_model("densenet_bc_100", num_classes=10,
-                                                                 block_config=(2, 2, 2))).train()
+                                                                 block_config=(2, 2, 2), memory_efficient=True)).train()
     block = model.features.denseblock1
     assert isinstance(block.denselayer1.norm1, nn.SyncBatchNorm)
     assert not block._can_share_statistics(torch.randn(2, 24, 32, 32))
@@ -165,8 +167,17 @@ def test_sync_batchnorm_steps_aside(shared_calls):
 
 
 def test_evaluation_and_no_grad_paths_do_not_use_the_shared_path(shared_calls):
-    model = create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2))
+    model = create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2), memory_efficient=True)
     with torch.no_grad():
         model.train()(torch.randn(2, 3, 32, 32))
     model.eval()(torch.randn(2, 3, 32, 32)).sum().backward()
     assert shared_calls == []
+
+
+def test_shared_statistics_follow_the_memory_mode_by_default(shared_calls):
+    x = torch.randn(2, 3, 32, 32)
+    create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2)).train()(x).sum().backward()
+    assert shared_calls == []   # the normal mode keeps torchvision's path unless asked
+    create_model("densenet_bc_100", num_classes=10, block_config=(2, 2, 2),
+                 memory_efficient=True).train()(x).sum().backward()
+    assert len(shared_calls) == 3

@@ -17,9 +17,13 @@ Here, in training mode, the block:
   own BatchNorm would compute for those channels: state dicts, running statistics and
   ``num_batches_tracked`` stay torchvision's.
 
-``recompute=True`` (the memory-efficient mode, after Pleiss et al., "Memory-Efficient Implementation of
-DenseNets", 2017) keeps no per-layer copy of the activated input: backward recomputes affine + ReLU from
-the shared buffer. Under autocast the buffers are kept in the autocast dtype, the statistics in fp32.
+Backward recomputes each layer's affine + ReLU from the shared buffer into one reusable block-sized
+workspace instead of keeping a per-layer copy: one elementwise pass is cheaper than storing a copy that
+grows with depth (and, on CPUs, than the page faults of fresh buffers). The normal mode keeps each bottleneck's convolution output and
+its activated copy; ``recompute=True`` (the memory-efficient mode, after Pleiss et al.,
+"Memory-Efficient Implementation of DenseNets", 2017) keeps nothing per layer but the bottleneck's batch
+statistics, and runs the bottleneck's 1x1 convolution once more in backward. Under autocast the buffers
+are kept in the autocast dtype, the statistics in fp32.
 """
 from __future__ import annotations
 
@@ -57,8 +61,10 @@ def _per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _normalise(f: torch.Tensor, eps: float):
     """``(f - mean) * invstd`` with the batch statistics, which come back in fp32 (unit fp32 weights make
     the kernel return fp32 statistics for bf16/fp16 input)."""
-    c, dtype = f.shape[1], torch.promote_types(f.dtype, torch.float32)
-    ones, zeros = f.new_ones(c, dtype=dtype), f.new_zeros(c, dtype=dtype)
+    if f.dtype in (torch.float32, torch.float64):
+        return aten.native_batch_norm(f, None, None, None, None, True, 0.0, eps)
+    c = f.shape[1]
+    ones, zeros = f.new_ones(c, dtype=torch.float32), f.new_zeros(c, dtype=torch.float32)
     return aten.native_batch_norm(f, ones, zeros, None, None, True, 0.0, eps)
 
 
@@ -155,7 +161,8 @@ def _block_forward(ctx, layers: Sequence[nn.Module], total: int, recompute: bool
             normed[:, c_in:c_in + y.shape[1]] = y_hat
             means.append(mean)
             invstds.append(invstd)
-        saved += [b if layer.bottleneck else None, None if recompute else c, mean2, invstd2]
+        keep = layer.bottleneck and not recompute
+        saved += [b if keep else None, c if keep else None, mean2, invstd2]
     mean_all, invstd_all = torch.cat(means), torch.cat(invstds)
     _update_running_stats(layers, offsets, mean_all, invstd_all, eps, n * h * w)
     ctx.layers, ctx.offsets, ctx.recompute, ctx.eps, ctx.fmt = layers, offsets, recompute, eps, fmt
@@ -168,18 +175,24 @@ def _update_running_stats(layers, offsets, mean, invstd, eps: float, count: int)
     # Running variance is the unbiased batch variance, as nn.BatchNorm2d keeps it.
     var = (invstd.double().pow(-2) - eps).clamp_min(0) * (count / max(count - 1, 1))
     var = var.to(invstd.dtype)
-    for layer, c_in in zip(layers, offsets):
-        norm = layer.norm1
-        momentum = batch_norm_momentum(norm)
-        norm.running_mean.lerp_(mean[:c_in].to(norm.running_mean.dtype), momentum)
-        norm.running_var.lerp_(var[:c_in].to(norm.running_var.dtype), momentum)
+    norms = [layer.norm1 for layer in layers]
+    momenta = [batch_norm_momentum(norm) for norm in norms]
+    running = [norm.running_mean for norm in norms] + [norm.running_var for norm in norms]
+    batch = [mean[:c_in] for c_in in offsets] + [var[:c_in] for c_in in offsets]
+    batch = [b.to(r.dtype) for b, r in zip(batch, running)]
+    if len(set(momenta)) == 1:   # the usual case: one fused update for every layer of the block
+        torch._foreach_lerp_(running, batch, momenta[0])
+    else:
+        for r, b, momentum in zip(running, batch, momenta + momenta):
+            r.lerp_(b, momentum)
 
 
 def _block_backward(ctx, grad_out: torch.Tensor) -> dict:
     out, normed, mean_all, invstd_all, *saved = ctx.saved_tensors
     layers, offsets, eps = ctx.layers, ctx.offsets, ctx.eps
     grad_out = grad_out.contiguous(memory_format=ctx.fmt)
-    grad_normed = torch.zeros_like(normed)
+    # The last layer reads every normalised channel: its gradient initialises the buffer (no zero fill).
+    grad_normed = torch.empty_like(normed)
     scratch = _Scratch(normed, offsets[-1], ctx.fmt == torch.channels_last)
     grads = {}
     for i in reversed(range(len(layers))):
@@ -190,11 +203,17 @@ def _block_backward(ctx, grad_out: torch.Tensor) -> dict:
         if i + 1 < len(layers):   # y_i was normalised for the later layers: its statistics' backward, once
             grad_y = grad_y + _stats_backward(grad_normed[:, c_in:c_in + width], out[:, c_in:c_in + width],
                                               mean_all[c_in:c_in + width], invstd_all[c_in:c_in + width], eps, ctx.fmt)
-        grad_b = _bottleneck_backward(layer, grad_y, b, c, mean2, invstd2, grads) if layer.bottleneck else grad_y
         a = _affine_relu(normed[:, :c_in], layer.norm1, scratch.view(c_in))
+        if layer.bottleneck:
+            if b is None:   # memory-efficient: the bottleneck's input once more, from the recomputed a
+                b = _conv(a, layer.conv1)
+            grad_b = _bottleneck_backward(layer, grad_y, b, c, mean2, invstd2, grads)
+        else:
+            grad_b = grad_y
         grad_a = _conv_backward(grad_b, a, layer.conv1, grads)
         grad_a = aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
-        _affine_backward(grad_a, normed[:, :c_in], layer.norm1, grad_normed[:, :c_in], scratch, grads)
+        _affine_backward(grad_a, normed[:, :c_in], layer.norm1, grad_normed[:, :c_in], scratch, grads,
+                         first=i + 1 == len(layers))
     c0 = offsets[0]
     grads["x"] = grad_out[:, :c0] + _stats_backward(grad_normed[:, :c0], out[:, :c0], mean_all[:c0],
                                                     invstd_all[:c0], eps, ctx.fmt)
@@ -215,14 +234,19 @@ def _bottleneck_backward(layer, grad_y, b, c, mean2, invstd2, grads: dict) -> to
     return grad_b
 
 
-def _affine_backward(grad_a, normed, norm: nn.BatchNorm2d, grad_normed, scratch: _Scratch, grads: dict) -> None:
+def _affine_backward(grad_a, normed, norm: nn.BatchNorm2d, grad_normed, scratch: _Scratch, grads: dict,
+                     first: bool) -> None:
     """Gradients of ``gamma * normed + beta``: gamma's and beta's, and ``gamma * grad`` added to the block's
-    gradient with respect to the normalised features."""
+    gradient with respect to the normalised features (written there by the ``first`` layer backward meets)."""
     accumulate = torch.promote_types(grad_a.dtype, torch.float32)   # fp32 sums for bf16/fp16 gradients
     product = torch.mul(grad_a, normed, out=scratch.view(normed.shape[1]))
     grads[norm.weight] = product.sum(_DIMS, dtype=accumulate).to(norm.weight.dtype)
     grads[norm.bias] = grad_a.sum(_DIMS, dtype=accumulate).to(norm.bias.dtype)
-    grad_normed.addcmul_(grad_a, _per_channel(norm.weight, grad_a.dtype))
+    gamma = _per_channel(norm.weight, grad_a.dtype)
+    if first:
+        torch.mul(grad_a, gamma, out=grad_normed)
+    else:
+        grad_normed.addcmul_(grad_a, gamma)
 
 
 def _stats_backward(grad_hat, f, mean, invstd, eps: float, fmt: torch.memory_format) -> torch.Tensor:

@@ -13,7 +13,7 @@ of DenseNets", 2017). Outputs and gradients equal the normal mode.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -176,18 +176,20 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers; the output is the input concatenated with every layer's output.
 
-    In training, the block normalises each feature map once and shares its batch statistics with every
-    later layer (``dense_shared_norm``); ``shared_statistics = False`` selects torchvision's path, where
-    each layer concatenates its inputs and normalises them again. Both give the same outputs, gradients and
-    running statistics. The shared path steps aside for dropout, for norms other than ``nn.BatchNorm2d``
-    (SyncBatchNorm's statistics are synchronised by its own layers) and under TorchScript.
+    ``shared_statistics``: in training, normalise each feature map once and share its batch statistics
+    with every later layer (``dense_shared_norm``) instead of torchvision's path, where each layer
+    concatenates its inputs and normalises them again. Both give the same outputs, gradients and running
+    statistics. None (the default) follows the memory mode: the memory-efficient mode always shares; the
+    normal mode keeps torchvision's path, which is faster for small feature maps that stay in cache. The
+    shared path steps aside for dropout, for norms other than ``nn.BatchNorm2d`` (SyncBatchNorm's statistics
+    are synchronised by its own layers) and under TorchScript.
     """
 
-    shared_statistics: bool = True
-
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int = 4,
-                 drop_rate: float = 0.0, memory_efficient: bool = False, bias: bool = False):
+                 drop_rate: float = 0.0, memory_efficient: bool = False, bias: bool = False,
+                 shared_statistics: Optional[bool] = None):
         super().__init__()
+        self.shared_statistics = shared_statistics
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
                                                              bn_size, drop_rate, memory_efficient, bias))
@@ -205,9 +207,10 @@ class DenseBlock(nn.ModuleDict):
 
     @torch.jit.unused
     def _can_share_statistics(self, x: torch.Tensor) -> bool:
-        if not (self.training and self.shared_statistics and x.dim() == 4 and x.is_floating_point()):
-            return False
         layers = list(self.values())
+        share = layers[0].memory_efficient if self.shared_statistics is None else self.shared_statistics
+        if not (self.training and share and x.dim() == 4 and x.is_floating_point()):
+            return False
         eps = layers[0].norm1.eps
         return all(type(layer.norm1) is nn.BatchNorm2d and layer.norm1.affine and layer.norm1.track_running_stats
                    and layer.norm1.eps == eps and layer.drop_rate == 0 for layer in layers)
@@ -309,7 +312,10 @@ class DenseNet(ImageClassifier):
         bn_size: bottleneck width factor (the "B" of -BC); 0 for no bottleneck.
         compression: transition channel factor theta (the "C" of -BC); 1.0 keeps all channels.
         drop_rate: dropout after each dense layer.
-        memory_efficient: recompute concat-BN-ReLU in backward instead of storing it.
+        memory_efficient: keep nothing per layer for backward but the shared normalised features and the
+            batch statistics; recompute the rest there (shares statistics, below).
+        shared_statistics: train each dense block with every feature map normalised once and its batch
+            statistics shared by the later layers (``DenseBlock``); None: with ``memory_efficient`` only.
         small_input: a 3x3 conv stem (stride ``stem_stride``) instead of 7x7/2 + max-pool.
         stem_pool: with ``small_input``, BN-ReLU and a 2x2 max-pool after the stem conv.
         stem_width: with ``small_input``, a first full-resolution 3x3 conv of this many channels (0: none).
@@ -327,7 +333,7 @@ class DenseNet(ImageClassifier):
                  drop_rate: float = 0.0, num_classes: int = 1000, in_chans: int = 3,
                  memory_efficient: bool = False, small_input: bool = False, stem_stride: int = 1,
                  stem_pool: bool = False, bias: bool = False, cross_stage_partial: float | None = None,
-                 channels_last: bool = True, stem_width: int = 0):
+                 channels_last: bool = True, stem_width: int = 0, shared_statistics: Optional[bool] = None):
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if stem_width and not small_input:
@@ -346,14 +352,16 @@ class DenseNet(ImageClassifier):
             last = i == len(block_config) - 1
             if cross_stage_partial is not None:
                 part = int(channels * cross_stage_partial)
-                block = DenseBlock(num_layers, part, growth, bn_size, drop_rate, memory_efficient, bias)
+                block = DenseBlock(num_layers, part, growth, bn_size, drop_rate, memory_efficient, bias,
+                                   shared_statistics)
                 channels += num_layers * growth
                 out = channels if last else int(math.floor(channels * compression))
                 fuse = Transition(channels, out, bias, pool=not last)
                 self.features.add_module(f"cspblock{i + 1}", CSPStage(part, block, fuse))
                 channels = out
                 continue
-            block = DenseBlock(num_layers, channels, growth, bn_size, drop_rate, memory_efficient, bias)
+            block = DenseBlock(num_layers, channels, growth, bn_size, drop_rate, memory_efficient, bias,
+                               shared_statistics)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.num_output_features
             if not last:
