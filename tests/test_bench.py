@@ -38,3 +38,18 @@ def test_pinning_glibc_mmap_threshold():
     import platform
     from moderncnn.train.malloc import pin_mmap_threshold
     assert pin_mmap_threshold() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_interleaved_densenet_benchmark_prints_every_configuration():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "densenet_interleaved.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "densenet_bc_100", "--input", "3x32x32",
+                          "--batch", "4", "--configs", "ours,ours-shared,ours-me", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("densenet_bc_100, input 3x32x32, batch 4, 2 rounds")
+    assert [line.split()[0] for line in lines[1:]] == ["ours", "ours-shared", "ours-me"]
+    assert lines[1].rstrip().endswith("1.00x ours")

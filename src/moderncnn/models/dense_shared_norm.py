@@ -93,6 +93,29 @@ def _conv_backward(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, grads: 
     return gx
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels-last (n, c, h, w) tensor as its (n*h*w, c) matrix: a view, no copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _pointwise_conv_backward(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, grads: dict,
+                             out: torch.Tensor) -> torch.Tensor:
+    """The backward of a 1x1 convolution on channels-last tensors as two matrix products, the input's
+    gradient written into ``out`` (a reused workspace) rather than a fresh block-wide tensor per layer."""
+    grad_rows = _rows(grad.contiguous(memory_format=torch.channels_last))
+    weight = conv.weight.to(x.dtype).reshape(conv.out_channels, -1)
+    torch.mm(grad_rows, weight, out=_rows(out))
+    grads[conv.weight] = torch.mm(grad_rows.t(), _rows(x)).view(conv.weight.shape).to(conv.weight.dtype)
+    if conv.bias is not None:
+        grads[conv.bias] = grad_rows.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(conv.bias.dtype)
+    return out
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1 \
+        and conv.dilation == (1, 1)
+
+
 class _Scratch:
     """One reusable block-sized allocation for transient per-layer tensors: on CPUs a fresh tensor of tens of
     megabytes per layer costs page faults on every step (glibc returns large blocks to the system)."""
@@ -193,7 +216,9 @@ def _block_backward(ctx, grad_out: torch.Tensor) -> dict:
     grad_out = grad_out.contiguous(memory_format=ctx.fmt)
     # The last layer reads every normalised channel: its gradient initialises the buffer (no zero fill).
     grad_normed = torch.empty_like(normed)
-    scratch = _Scratch(normed, offsets[-1], ctx.fmt == torch.channels_last)
+    channels_last = ctx.fmt == torch.channels_last
+    scratch = _Scratch(normed, offsets[-1], channels_last)
+    grad_scratch = _Scratch(normed, offsets[-1], channels_last) if channels_last else None
     grads = {}
     for i in reversed(range(len(layers))):
         layer, c_in = layers[i], offsets[i]
@@ -210,7 +235,10 @@ def _block_backward(ctx, grad_out: torch.Tensor) -> dict:
             grad_b = _bottleneck_backward(layer, grad_y, b, c, mean2, invstd2, grads)
         else:
             grad_b = grad_y
-        grad_a = _conv_backward(grad_b, a, layer.conv1, grads)
+        if grad_scratch is not None and _is_pointwise(layer.conv1):
+            grad_a = _pointwise_conv_backward(grad_b, a, layer.conv1, grads, grad_scratch.view(c_in))
+        else:
+            grad_a = _conv_backward(grad_b, a, layer.conv1, grads)
         grad_a = aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
         _affine_backward(grad_a, normed[:, :c_in], layer.norm1, grad_normed[:, :c_in], scratch, grads,
                          first=i + 1 == len(layers))
