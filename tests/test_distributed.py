@@ -83,3 +83,24 @@ def test_two_processes_share_one_image_folder_cache(tmp_path):
     entries = sorted(p.name for p in (tmp_path / "cache" / "imagefolder").iterdir())
     assert len(entries) == 2 and not any(name.startswith(".building") for name in entries)  # train and test, once
     assert "memory-mapped from the disk cache" in run.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_process_gloo_trains_through_the_shared_statistics_path(tmp_path):
+    # DDP's gradient hooks fire for the parameters the shared-statistics block passes through its autograd
+    # function: the same 2-process run on torchvision's path ends with the same weights.
+    data = make_mnist(tmp_path / "data", n_train=128, n_test=64, learnable=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--model", "densenet_bc_fmnist", "--model-arg", "block_config=(2,2)", "--dataset", "mnist",
+              "--epochs", "1", "--batch-size", "32", "--lr", "0.02", "--augment", "none", "--no-progress",
+              "--seed", "1", "--data-dir", str(data), "--out", str(tmp_path)]
+    for name, extra in (("shared", ["--memory-efficient"]), ("ordinary", ["--model-arg", "shared_statistics=False"])):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                              "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "moderncnn",
+                              "train", *common, *extra, "--name", name], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "shared" / "last.pt")
+    b = load_checkpoint(tmp_path / "ordinary" / "last.pt")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-3, atol=1e-4, msg=key)
