@@ -15,19 +15,16 @@ import statistics
 import time
 
 import torch
-import torchvision
 
 from moderncnn import create_model
+from moderncnn.bench import torchvision_counterpart
 from moderncnn.cli import _parse_size
 
 
 def build(config: str, name: str, in_chans: int) -> torch.nn.Module:
     torch.manual_seed(0)
     if config.startswith("tv"):
-        model = getattr(torchvision.models, name)(num_classes=10, memory_efficient=config == "tv-me")
-        if in_chans != 3:
-            conv = model.features.conv0
-            model.features.conv0 = torch.nn.Conv2d(in_chans, conv.out_channels, 7, 2, 3, bias=False)
+        model = torchvision_counterpart(name, 10, in_chans, memory_efficient=config == "tv-me")
         return model.to(memory_format=torch.channels_last) if config == "tv-cl" else model
     options = {"ours": {}, "ours-shared": {"shared_statistics": True}, "ours-me": {"memory_efficient": True}}
     return create_model(name, num_classes=10, in_chans=in_chans, **options[config])
