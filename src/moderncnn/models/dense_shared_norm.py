@@ -68,11 +68,9 @@ def _normalise(f: torch.Tensor, eps: float):
     return aten.native_batch_norm(f, ones, zeros, None, None, True, 0.0, eps)
 
 
-def _affine_relu(normed: torch.Tensor, norm: nn.BatchNorm2d, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``relu(gamma * normed + beta)``: a layer's own part of its first BatchNorm, then its ReLU."""
+def _affine_relu(normed: torch.Tensor, norm: nn.BatchNorm2d, out: torch.Tensor) -> torch.Tensor:
+    """``relu(gamma * normed + beta)`` into ``out``: a layer's own part of its first BatchNorm, then its ReLU."""
     gamma, beta = _per_channel(norm.weight, normed.dtype), _per_channel(norm.bias, normed.dtype)
-    if out is None:
-        return torch.addcmul(beta, normed, gamma).relu_()
     return torch.addcmul(beta, normed, gamma, out=out).relu_()
 
 
@@ -188,7 +186,7 @@ def _block_forward(ctx, layers: Sequence[nn.Module], total: int, recompute: bool
         saved += [b if keep else None, c if keep else None, mean2, invstd2]
     mean_all, invstd_all = torch.cat(means), torch.cat(invstds)
     _update_running_stats(layers, offsets, mean_all, invstd_all, eps, n * h * w)
-    ctx.layers, ctx.offsets, ctx.recompute, ctx.eps, ctx.fmt = layers, offsets, recompute, eps, fmt
+    ctx.layers, ctx.offsets, ctx.eps, ctx.fmt = layers, offsets, eps, fmt
     ctx.save_for_backward(out, normed, mean_all, invstd_all, *saved)
     return out
 

@@ -6,9 +6,9 @@ Every layer sees the concatenation of all earlier feature maps of its block, nor
 first (pre-activation BN-ReLU-Conv). The -BC form adds a 1x1 bottleneck (``bn_size * growth_rate``
 channels) and compresses channels by ``compression`` in each transition.
 
-``memory_efficient=True`` does not keep the concatenated inputs of each layer for the backward pass:
-the cheap concat-BN-ReLU is recomputed there instead (Pleiss et al., "Memory-Efficient Implementation
-of DenseNets", 2017). Outputs and gradients equal the normal mode.
+``memory_efficient=True`` keeps nothing per layer for the backward pass but batch statistics: the cheap
+parts are recomputed there from one shared buffer of normalised features (Pleiss et al., "Memory-Efficient
+Implementation of DenseNets", 2017; ``dense_shared_norm``). Outputs and gradients equal the normal mode.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .dense_shared_norm import LAYER_PARAMS, SharedNormDenseBlock, batch_norm_momentum, layer_parameters
+from .dense_shared_norm import SharedNormDenseBlock, layer_parameters
 from .layers import CSPStage, ImageClassifier, init_kaiming
 from .registry import register_model
 
@@ -40,90 +40,6 @@ def _eval_norm_relu(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     shift = norm.bias - norm.running_mean * scale
     return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1)).relu_()
-
-
-def _bn_train(x, norm: nn.BatchNorm2d, momentum: float):
-    """Training-mode BN through the aten op, which also returns the batch statistics backward needs."""
-    return torch.ops.aten.native_batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, True,
-                                            momentum, norm.eps)
-
-
-class _EfficientDenseLayer(torch.autograd.Function):
-    """A whole dense layer, ``conv2(relu(bn2(conv1(relu(bn1(cat(inputs)))))))``, that keeps only the small
-    bottleneck output and the batch statistics for backward (Pleiss et al. 2017).
-
-    Backward recomputes the cheap parts -- the concatenation and the two BN-ReLU -- from the saved
-    statistics, then runs the convolution and BatchNorm backward kernels directly: no convolution is run
-    twice, and BatchNorm's running statistics are updated once (generic checkpointing updates them twice).
-    Without a bottleneck (``conv2`` is None) the layer is ``conv1(relu(bn1(cat(inputs))))``.
-    """
-
-    @staticmethod
-    def forward(ctx, layer: "DenseLayer", momentum1: float, momentum2: float, *tensors):
-        # tensors: the layer's 8 parameters (None where absent), then the input feature maps; parameters
-        # are passed in so that autograd (and DDP's hooks) deliver their gradients as usual.
-        inputs = tensors[len(LAYER_PARAMS):]
-        x = torch.cat(inputs, 1)
-        a, mean1, invstd1 = _bn_train(x, layer.norm1, momentum1)
-        a = a.relu_()
-        b = F.conv2d(a, layer.conv1.weight, layer.conv1.bias, padding=layer.conv1.padding)
-        del x, a
-        ctx.layer = layer
-        ctx.split = [t.shape[1] for t in inputs]
-        if not layer.bottleneck:
-            ctx.save_for_backward(mean1, invstd1, *inputs)
-            return b
-        c, mean2, invstd2 = _bn_train(b, layer.norm2, momentum2)
-        out = F.conv2d(c.relu_(), layer.conv2.weight, layer.conv2.bias, padding=layer.conv2.padding)
-        ctx.save_for_backward(mean1, invstd1, b, mean2, invstd2, *inputs)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        layer = ctx.layer
-        if layer.bottleneck:
-            mean1, invstd1, b, mean2, invstd2, *inputs = ctx.saved_tensors
-        else:
-            mean1, invstd1, *inputs = ctx.saved_tensors
-        grads = {}
-        params = layer_parameters(layer)
-
-        def norm_relu(x, norm, mean, invstd):  # recompute relu(bn(x)) with the statistics of forward
-            shape = (1, -1, 1, 1)
-            scale = (invstd * norm.weight).view(shape)
-            return torch.addcmul((norm.bias - mean * invstd * norm.weight).view(shape), x, scale).relu_()
-
-        def conv_backward(grad, x, conv):
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad, x, conv.weight, [conv.out_channels] if conv.bias is not None else None, conv.stride,
-                conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, conv.bias is not None])
-            grads[conv.weight] = gw
-            if conv.bias is not None:
-                grads[conv.bias] = gb
-            return gx
-
-        def norm_backward(grad, x, y, norm, mean, invstd):
-            grad = torch.ops.aten.threshold_backward(grad, y, 0)  # ReLU's backward, on the recomputed output
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad, x, norm.weight, norm.running_mean, norm.running_var, mean, invstd, True, norm.eps,
-                [True, True, True])
-            grads[norm.weight], grads[norm.bias] = gw, gb
-            return gx
-
-        x = torch.cat(inputs, 1)
-        a = norm_relu(x, layer.norm1, mean1, invstd1)
-        if layer.bottleneck:
-            c = norm_relu(b, layer.norm2, mean2, invstd2)
-            grad_c = conv_backward(grad_out, c, layer.conv2)
-            grad_b = norm_backward(grad_c, b, c, layer.norm2, mean2, invstd2)
-            del c, grad_c
-        else:
-            grad_b = grad_out
-        grad_a = conv_backward(grad_b, a, layer.conv1)
-        grad_x = norm_backward(grad_a, x, a, layer.norm1, mean1, invstd1)
-        del x, a, grad_a
-        param_grads = [grads.get(p) if p is not None else None for p in params]
-        return (None, None, None, *param_grads, *grad_x.split(ctx.split, dim=1))
 
 
 class DenseLayer(nn.Module):
@@ -152,22 +68,12 @@ class DenseLayer(nn.Module):
             return self.conv1(_eval_norm_relu(self.norm1, x))
         return self.conv1(self.relu1(self.norm1(x)))
 
-    def forward_efficient(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        momentum1 = batch_norm_momentum(self.norm1)
-        momentum2 = batch_norm_momentum(self.norm2) if self.bottleneck else 0.0
-        return _EfficientDenseLayer.apply(self, momentum1, momentum2, *layer_parameters(self), *inputs)
-
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        # Reached in training only where the block's shared path steps aside (dropout, other norms). The
-        # per-layer function calls the kernels in the parameters' dtype, so under autocast the layer takes
-        # the ordinary autograd path.
-        if (self.memory_efficient and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting()
-                and self.norm1.track_running_stats and not torch.is_autocast_enabled(inputs[0].device.type)):
-            out = self.forward_efficient(inputs)
-        else:
-            out = self.concat_norm_conv(*inputs)
-            if self.bottleneck:
-                out = self.conv2(self.relu2(self.norm2(out)))
+        # torchvision's path; in training, dense blocks usually run their layers through the shared-statistics
+        # function instead (DenseBlock), which also implements the memory-efficient mode.
+        out = self.concat_norm_conv(*inputs)
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
@@ -182,7 +88,7 @@ class DenseBlock(nn.ModuleDict):
     statistics. None (the default) follows the memory mode: the memory-efficient mode always shares; the
     normal mode keeps torchvision's path, which is faster for small feature maps that stay in cache. The
     shared path steps aside for dropout, for norms other than ``nn.BatchNorm2d`` (SyncBatchNorm's statistics
-    are synchronised by its own layers) and under TorchScript.
+    are synchronised by its own layers) and under TorchScript; the memory-efficient mode then saves nothing.
     """
 
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int = 4,
