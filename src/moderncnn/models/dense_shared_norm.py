@@ -19,8 +19,8 @@ Here, in training mode, the block:
 
 Backward recomputes each layer's affine + ReLU from the shared buffer into one reusable block-sized
 workspace instead of keeping a per-layer copy: one elementwise pass is cheaper than storing a copy that
-grows with depth (and, on CPUs, than the page faults of fresh buffers). The normal mode keeps each bottleneck's convolution output and
-its activated copy; ``recompute=True`` (the memory-efficient mode, after Pleiss et al.,
+grows with depth (and, on CPUs, than the page faults of fresh buffers). The normal mode keeps each
+bottleneck's convolution output and its activated copy; ``recompute=True`` (the memory-efficient mode, after Pleiss et al.,
 "Memory-Efficient Implementation of DenseNets", 2017) keeps nothing per layer but the bottleneck's batch
 statistics, and runs the bottleneck's 1x1 convolution once more in backward. Under autocast the buffers
 are kept in the autocast dtype, the statistics in fp32.
@@ -34,21 +34,21 @@ from torch import nn
 
 aten = torch.ops.aten
 _DIMS = (0, 2, 3)
-LAYER_PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias",
+_LAYER_PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias",
                  "conv2.weight", "conv2.bias")
 
 
 def layer_parameters(layer: nn.Module) -> List[Optional[torch.Tensor]]:
-    """A dense layer's parameters in ``LAYER_PARAMS`` order, None where the layer has none."""
+    """A dense layer's parameters in ``_LAYER_PARAMS`` order, None where the layer has none."""
     out = []
-    for name in LAYER_PARAMS:
+    for name in _LAYER_PARAMS:
         module_name, attr = name.split(".")
         module = getattr(layer, module_name, None)
         out.append(getattr(module, attr, None) if module is not None else None)
     return out
 
 
-def batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
+def _batch_norm_momentum(norm: nn.BatchNorm2d) -> float:
     """What ``nn.BatchNorm2d`` does in training: count the batch; cumulative average when momentum is None."""
     norm.num_batches_tracked.add_(1)
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
@@ -135,7 +135,7 @@ class SharedNormDenseBlock(torch.autograd.Function):
     """The training forward and backward of a whole dense block (see the module docstring).
 
     ``forward(ctx, block, recompute, eps, x, *params)``: ``params`` are every layer's eight parameters in
-    ``LAYER_PARAMS`` order (None where absent), passed so that autograd (and DDP's hooks) deliver their
+    ``_LAYER_PARAMS`` order (None where absent), passed so that autograd (and DDP's hooks) deliver their
     gradients as usual. Returns the block output, ``cat(x, y_1, ..., y_L)``.
     """
 
@@ -153,7 +153,7 @@ class SharedNormDenseBlock(torch.autograd.Function):
 
 def _block_forward(ctx, layers: Sequence[nn.Module], total: int, recompute: bool, eps: float, x: torch.Tensor):
     n, c0, h, w = x.shape
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and c0 > 1
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and c0 > 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     widths = [c0] + [(layer.conv2 if layer.bottleneck else layer.conv1).out_channels for layer in layers]
     offsets = [sum(widths[:i + 1]) for i in range(len(layers))]   # layer i's input width
@@ -171,7 +171,7 @@ def _block_forward(ctx, layers: Sequence[nn.Module], total: int, recompute: bool
         if layer.bottleneck:
             norm2 = layer.norm2
             c, mean2, invstd2 = aten.native_batch_norm(b, norm2.weight, norm2.bias, norm2.running_mean,
-                                                       norm2.running_var, True, batch_norm_momentum(norm2),
+                                                       norm2.running_var, True, _batch_norm_momentum(norm2),
                                                        norm2.eps)
             y = _conv(c.relu_(), layer.conv2)
         else:
@@ -197,7 +197,7 @@ def _update_running_stats(layers, offsets, mean, invstd, eps: float, count: int)
     var = (invstd.double().pow(-2) - eps).clamp_min(0) * (count / max(count - 1, 1))
     var = var.to(invstd.dtype)
     norms = [layer.norm1 for layer in layers]
-    momenta = [batch_norm_momentum(norm) for norm in norms]
+    momenta = [_batch_norm_momentum(norm) for norm in norms]
     running = [norm.running_mean for norm in norms] + [norm.running_var for norm in norms]
     batch = [mean[:c_in] for c_in in offsets] + [var[:c_in] for c_in in offsets]
     batch = [b.to(r.dtype) for b, r in zip(batch, running)]

@@ -113,13 +113,17 @@ class DenseBlock(nn.ModuleDict):
 
     @torch.jit.unused
     def _can_share_statistics(self, x: torch.Tensor) -> bool:
+        if not self.training:
+            return False
         layers = list(self.values())
         share = layers[0].memory_efficient if self.shared_statistics is None else self.shared_statistics
-        if not (self.training and share and x.dim() == 4 and x.is_floating_point()):
+        if not (share and x.dim() == 4 and x.is_floating_point()):
             return False
         eps = layers[0].norm1.eps
+        # The block calls the BatchNorm kernels itself: only plain nn.BatchNorm2d layers (not SyncBatchNorm).
         return all(type(layer.norm1) is nn.BatchNorm2d and layer.norm1.affine and layer.norm1.track_running_stats
-                   and layer.norm1.eps == eps and layer.drop_rate == 0 for layer in layers)
+                   and layer.norm1.eps == eps and layer.drop_rate == 0
+                   and (not layer.bottleneck or type(layer.norm2) is nn.BatchNorm2d) for layer in layers)
 
     @torch.jit.unused
     @torch.compiler.disable
