@@ -35,7 +35,7 @@ from torch import nn
 aten = torch.ops.aten
 _DIMS = (0, 2, 3)
 _LAYER_PARAMS = ("norm1.weight", "norm1.bias", "conv1.weight", "conv1.bias", "norm2.weight", "norm2.bias",
-                 "conv2.weight", "conv2.bias")
+                  "conv2.weight", "conv2.bias")
 
 
 def layer_parameters(layer: nn.Module) -> List[Optional[torch.Tensor]]:
