@@ -50,6 +50,25 @@ def test_plan_counts_steps_so_the_last_epoch_may_be_partial():
     assert planner.plan(6, 60.0, current=94) == 94
 
 
+def test_a_plan_made_mid_epoch_may_end_before_an_epoch_longer_than_the_budget():
+    # 100 steps of 3 s per epoch, 1 s evaluations, a 60 s budget: 5 steps done in 15 s leave 45 s, the
+    # final evaluation takes 1, so 14 more steps fit (19 in all, 58 s); a plan from whole epochs is 100.
+    planner = EpochPlanner(60, max_epochs=8, full_side=32, train_images=1000, test_images=500,
+                           steps_per_epoch=100)
+    planner.record_train(32, 300.0, 1000)
+    planner.record_eval(1.0)
+    assert planner.plan_mid_epoch(5, 15.0, current=800) == 19
+    assert planner._predicted(19, 5, 15.0) == pytest.approx(58.0)
+    assert planner.plan(1, 301.0) == 100
+    # Over the budget already: twice the steps done, so the schedule still decays over some steps.
+    assert planner.plan_mid_epoch(5, 58.0, current=800) == 10
+    # ... but never past the epoch under way, and never fewer than the steps done.
+    assert planner.plan_mid_epoch(90, 58.0, current=800) == 100
+    assert planner.plan_mid_epoch(150, 58.0, current=800) == 200
+    # Whole epochs are priced as before: the epoch under way counts its remaining steps and evaluation.
+    assert planner._predicted(200, 150, 0.0) == pytest.approx(50 * 3 + 1)
+
+
 def test_plan_prices_only_the_evaluations_eval_every_runs():
     # 9 s epochs, 1 s evaluations, the first epoch spent 10 s. Scoring every 3rd epoch and the last, 10
     # epochs end at 95 s (evaluations after epochs 3, 6, 9 and 10), 11 at 104 s: 10 fit in 100 s.
@@ -213,9 +232,22 @@ def test_a_spent_budget_ends_the_schedule_in_the_epoch_it_plans(data_dir, tmp_pa
     assert load_checkpoint(tmp_path / "b" / "last.pt")["history"][0]["train_images"] == 128
 
 
+def test_an_epoch_longer_than_the_budget_is_cut_by_the_plan(tmp_path, capsys):
+    # 640 images at batch 16 are 40 steps; 1 ms is spent by the third step, whose plan is twice the steps
+    # done (6): the run ends mid-epoch with its schedule decayed, instead of training the whole epoch.
+    data = make_mnist(tmp_path / "data", n_train=640, n_test=64, learnable=True)
+    result = train(dataset="mnist", data_dir=str(data), model="densenet_bc_fmnist", epochs=3, budget=0.001,
+                   batch_size=16, lr=0.1, out=str(tmp_path), name="cut", progress=False)
+    assert [r.train_images for r in result.history] == [6 * 16]
+    assert result.history[0].lr == pytest.approx(0.1 * 1e-3)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["scheduler"]["last_epoch"] == 6
+    assert "(15% of the training set)" in capsys.readouterr().out
+
+
 def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_path, capsys, monkeypatch):
     # The plan is whatever the planner says (times vary): one and a half epochs of 4 steps.
     monkeypatch.setattr(EpochPlanner, "plan", lambda self, committed, spent, current=None: 6)
+    monkeypatch.setattr(EpochPlanner, "plan_mid_epoch", lambda self, done, spent, current=None: 6)
     result = train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=3, budget=60,
                    batch_size=32, lr=0.1, out=str(tmp_path), name="p", progress=False)
     out = capsys.readouterr().out

@@ -131,6 +131,28 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
                                                                  abs=1e-6)
 
 
+def test_a_signal_during_evaluation_stops_the_run_at_the_epochs_end(data_dir, tmp_path, monkeypatch):
+    import moderncnn.train.loop as loop
+
+    real_evaluate, calls = loop.evaluate, []
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_sigterm)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped after epoch 1; saved") as stop:
+        moderncnn.train(**tiny(data_dir, tmp_path, epochs=3))
+    assert stop.value.exit_code == 143
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 0) and len(state["history"]) == 1
+    assert state["history"][0]["test_acc"] is not None  # the evaluation it interrupted was finished
+    resumed = moderncnn.train(resume=str(tmp_path / "run"), progress=False)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+
+
 def test_sigint_in_subprocess_exits_130_and_resumes(data_dir, tmp_path):
     cmd = [sys.executable, "-m", "moderncnn", "train", "--dataset", "mnist", "--data-dir", str(data_dir),
            "--epochs", "400", "--batch-size", "32", "--out", str(tmp_path), "--name", "sig", "--no-progress"]

@@ -135,6 +135,9 @@ class TrainConfig:
         sgd = f"sgd lr {self.lr:g} momentum {self.momentum:g}"
         biases = (f"norms and biases at lr {self.bias_lr:g}" if self.bias_lr is not None and self.bias_lr != self.lr
                   else "")
+        if self.first_conv_bias_epochs:
+            limit = f"the first convolution's bias for {self.first_conv_bias_epochs:g} epochs only"
+            biases = f"{biases}, {limit}" if biases else limit
         if self.optimizer == "sgd":
             return f"{sgd} ({biases})" if biases else sgd
         if self.optimizer == "muon":

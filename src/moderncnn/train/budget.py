@@ -143,24 +143,34 @@ class EpochPlanner:
     def predicted_seconds(self, steps: int, committed: int, spent: float) -> float:
         """Seconds at the end of a run of ``steps`` steps; ``committed`` epochs (whole, at most the plan's)
         are done or under way and together cost ``spent``."""
-        per_eval = self.evaluation_seconds()
+        return self._predicted(steps, committed * self.steps_per_epoch, spent)
+
+    def _predicted(self, steps: int, done: int, spent: float) -> float:
+        """Seconds at the end of a run of ``steps`` steps, ``done`` of which (and the evaluations of the epochs
+        they complete) cost ``spent``; an epoch under way is priced for its remaining steps and evaluation."""
+        per_eval, per_epoch = self.evaluation_seconds(), self.steps_per_epoch
         epochs = self.epochs(steps)
-        last_fraction = self.last_epoch_steps(steps) / self.steps_per_epoch
-        total = spent + sum(self.epoch_train_seconds(self.side(j, epochs)) * (last_fraction if j == epochs - 1 else 1)
-                            + per_eval * evaluates_after(j, epochs, self.eval_every) for j in range(committed, epochs))
+        total = spent
+        for j in range(done // per_epoch, epochs):
+            remaining = min(per_epoch, steps - j * per_epoch) - max(0, done - j * per_epoch)
+            total += (self.epoch_train_seconds(self.side(j, epochs)) * remaining / per_epoch
+                      + per_eval * evaluates_after(j, epochs, self.eval_every))
         return total + per_eval * (self.final_views - 1)
 
     def fit(self, committed: int, spent: float, limit: float) -> int:
         """The most steps (at least ``committed`` whole epochs, at most ``max_epochs``) predicted to end by
         ``limit``."""
-        lo, hi = committed * self.steps_per_epoch, self.max_epochs * self.steps_per_epoch
-        if self.predicted_seconds(lo, committed, spent) > limit:
+        return self._fit(committed * self.steps_per_epoch, spent, limit)
+
+    def _fit(self, done: int, spent: float, limit: float, least: Optional[int] = None) -> int:
+        lo, hi = max(done, least or 0), self.max_epochs * self.steps_per_epoch
+        if self._predicted(lo, done, spent) > limit:
             return lo
-        if self.predicted_seconds(hi, committed, spent) <= limit:  # predicted(lo) fits; find the last that does
+        if self._predicted(hi, done, spent) <= limit:  # predicted(lo) fits; find the last that does
             return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.predicted_seconds(mid, committed, spent) <= limit:
+            if self._predicted(mid, done, spent) <= limit:
                 lo = mid
             else:
                 hi = mid
@@ -175,15 +185,24 @@ class EpochPlanner:
         stretch a schedule that has ended), so the plan only shrinks, and only when it is predicted to
         pass the budget by more than a quarter of an epoch (epoch times jitter).
         """
+        return self._plan(committed * self.steps_per_epoch, spent, current)
+
+    def plan_mid_epoch(self, done: int, spent: float, current: Optional[int] = None) -> int:
+        """:meth:`plan` from inside an epoch: ``done`` steps (counted from the run's start) cost ``spent``.
+        The plan may end before the epoch does (an epoch longer than the whole budget), but not before twice
+        ``done`` steps, so that the schedule still has steps to decay in."""
+        epoch_end = (done // self.steps_per_epoch + 1) * self.steps_per_epoch
+        return self._plan(done, spent, current, least=min(epoch_end, 2 * done))
+
+    def _plan(self, done: int, spent: float, current: Optional[int], least: Optional[int] = None) -> int:
         if not self.measured:
-            return max(committed * self.steps_per_epoch,
-                       self.max_epochs * self.steps_per_epoch if current is None else current)
-        if current is None or 2 * committed < self.epochs(current):
-            return self.fit(committed, spent, self.budget)
+            return max(done, self.max_epochs * self.steps_per_epoch if current is None else current)
+        if current is None or 2 * done < current:
+            return self._fit(done, spent, self.budget, least)
         quarter_epoch = (self.epoch_train_seconds(self.full_side) + self.evaluation_seconds()) / 4
-        if self.predicted_seconds(current, committed, spent) > self.budget + quarter_epoch:
-            return self.fit(committed, spent, self.budget)
-        return max(committed * self.steps_per_epoch, current)
+        if self._predicted(current, done, spent) > self.budget + quarter_epoch:
+            return self._fit(done, spent, self.budget, least)
+        return max(done, current)
 
 
 class TrainingPlan:
@@ -210,6 +229,7 @@ class TrainingPlan:
         self._evaluations_timed = 0
         self._warm_from = None  # (time, step) where this epoch's timing started
         self._early_step: Optional[int] = None
+        self._epoch_start = time.perf_counter()
 
     def lr_factor(self, step: int) -> float:
         return self.lr_shape.factor(step, self.total_steps)
@@ -247,6 +267,9 @@ class TrainingPlan:
     def _replan(self, committed: int, spent: float, current: Optional[int] = None) -> None:
         self.total_steps = int(self._agree(self.planner.plan(committed, spent, current)))
 
+    def _replan_mid_epoch(self, done: int, spent: float) -> None:
+        self.total_steps = int(self._agree(self.planner.plan_mid_epoch(done, spent, self.total_steps)))
+
     def start(self, start_epoch: int, history: List[EpochRecord]) -> None:
         """Plan a new or resumed run (a resumed one from the epochs it has done)."""
         if self.planner is not None:
@@ -255,8 +278,9 @@ class TrainingPlan:
 
     def begin_epoch(self, first_step: int) -> None:
         self._warm_from, self._early_step = None, None
+        self._epoch_start = time.perf_counter()
         if self.planner is not None and not self.planner.measured:
-            # An unmeasured run plans from its first ten timed steps, mid-epoch (too short an epoch: at its end).
+            # An unmeasured run plans from its first timed steps, mid-epoch (too short an epoch: at its end).
             early = min(first_step + 11, self.steps_per_epoch - 2)
             self._early_step = early if early > first_step + 1 else None
 
@@ -267,13 +291,19 @@ class TrainingPlan:
             return False
         if step == first_step + 1:
             self._warm_from = (time.perf_counter(), step)
-        if step != self._early_step:
+        if self._early_step is None or step < first_step + 2:
             return False
+        # Early at the tenth timed step, or sooner once the steps have taken a twentieth of the budget.
+        elapsed = time.perf_counter() - self._epoch_start
+        if step != self._early_step and elapsed < self.cfg.budget / 20:
+            return False
+        self._early_step = None
         per_step = (time.perf_counter() - self._warm_from[0]) / (step - self._warm_from[1])
         side = self.side(epoch)
         self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images, provisional=True)
-        self._replan(epoch + 1, spent_before + self.planner.epoch_train_seconds(side)
-                     + self._evaluation_seconds_after(epoch))
+        # Planned from the steps done, not the whole epoch: an epoch longer than the budget ends early.
+        self._replan_mid_epoch(epoch * self.steps_per_epoch + step + 1,
+                               spent_before + time.perf_counter() - self._epoch_start)
         return True
 
     def end_epoch(self, epoch: int, side: int, train_time: float, seen: int, last_step: int,

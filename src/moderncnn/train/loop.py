@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .setup import TrainSetup
 
 __all__ = ["TrainingInterrupted", "NonFiniteLossError", "StepOutput", "EpochTrained", "tta_views", "tta_logits",
-           "evaluate", "train_one_epoch", "evaluate_epoch"]
+           "evaluate", "train_one_epoch", "evaluate_epoch", "interrupted"]
 
 
 class TrainingInterrupted(Exception):
@@ -129,11 +129,17 @@ def _interrupt(run: "TrainSetup", state: TrainState, callbacks: "CallbackList", 
     return the exception that ends the run."""
     state.partial = totals.to_dict(seconds)
     state.loader_rng = run.train_loader.generator.get_state()
+    return interrupted(run, state, callbacks, signum, f"at epoch {state.epoch + 1}, step {state.step}")
+
+
+def interrupted(run: "TrainSetup", state: TrainState, callbacks: "CallbackList", signum: int,
+                where: str) -> TrainingInterrupted:
+    """Let the callbacks save ``state`` and return the exception that ends the run (a signal that came
+    during an evaluation stops the run at the epoch's end: ``where`` is "after epoch N")."""
     callbacks.on_interrupt(run, state, signum)
     name, code = ("SIGINT", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
-    return TrainingInterrupted(
-        f"{name}: stopped at epoch {state.epoch + 1}, step {state.step}; saved {run.run_dir / 'last.pt'}.\n"
-        f"resume with: {run.resume_command()}", code, run.run_dir)
+    return TrainingInterrupted(f"{name}: stopped {where}; saved {run.run_dir / 'last.pt'}.\n"
+                               f"resume with: {run.resume_command()}", code, run.run_dir)
 
 
 def train_one_epoch(run: "TrainSetup", state: TrainState, callbacks: "CallbackList", stop) -> EpochTrained:

@@ -14,7 +14,7 @@ from ..runs import EpochRecord, TrainConfig, check_version
 from .callbacks import Callback, CallbackList, default_callbacks
 from .config import DEFAULTS, resolve_config
 from .distributed import cleanup_distributed
-from .loop import evaluate_epoch, train_one_epoch
+from .loop import evaluate_epoch, interrupted, train_one_epoch
 from .setup import TrainSetup, build_setup
 from .state import TrainState
 
@@ -73,6 +73,8 @@ def fit(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback] = ()) 
             state.epoch, state.step = state.epoch + 1, 0
             state.select(record)
             callbacks.on_epoch_end(run, state, record)
+            if stop.signum is not None and not state.done:  # the signal came during the evaluation
+                raise interrupted(run, state, callbacks, stop.signum, f"after epoch {state.epoch}")
     callbacks.on_train_end(run, state)
     if run.dist.enabled:
         # The other ranks wait for rank 0's report before the process group is torn down: a gloo rank
