@@ -242,6 +242,7 @@ def test_an_epoch_longer_than_the_budget_is_cut_by_the_plan(tmp_path, capsys):
     assert result.history[0].lr == pytest.approx(0.1 * 1e-3)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["scheduler"]["last_epoch"] == 6
     assert "(15% of the training set)" in capsys.readouterr().out
+    assert "0.15 epochs (the last on 96 of 640 training images)" in (tmp_path / "cut" / "report.md").read_text()
 
 
 def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_path, capsys, monkeypatch):
@@ -266,6 +267,7 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
                         train_images=59904)
     assert _epochs_words([whole] * 4) == "4 epochs"
     assert _epochs_words([whole]) == "1 epoch"
+    assert _epochs_words([whole], train_images=60000, batch_size=128) == "1 epoch"  # less than a batch short
 
 
 def test_eval_every_scores_the_test_set_every_nth_epoch_and_the_last(data_dir, tmp_path, capsys):

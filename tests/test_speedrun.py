@@ -139,3 +139,29 @@ def test_model_arguments_scoped_to_one_model():
     assert resnet.model_kwargs == {"small_input": True, "num_blocks": 2}
     vgg = resolve_config(TrainConfig(model="vgg_airbench", model_kwargs=kwargs))
     assert vgg.model_kwargs == {"num_blocks": 2, "widths": (8, 8, 8)}
+
+
+def test_speedrun_benchmark_trains_each_seed_and_prints_the_means(tmp_path):
+    import json
+    import subprocess
+
+    from test_folders import make_folder
+
+    data = make_folder(tmp_path / "cifar", classes=("cat", "dog", "ship"), n=10, size=(32, 32))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar_speedrun.py"
+    out = subprocess.run([sys.executable, str(script), "--data-dir", str(data), "--runs", "2", "--val-split", "6",
+                          "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "runs.json"), "--",
+                          "--epochs", "2", "--batch-size", "8", "--lr", "5.4", "--bias-lr", "0.42",
+                          "--model-arg", "widths=8,16,16",
+                          "--cache-dir", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CPU: " in out.stdout and "bfloat16 in hardware: " in out.stdout
+    assert "mean over 2 runs: wall" in out.stdout and "validation " in out.stdout
+    table = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["seed"] for r in table["runs"]] == [0, 1]
+    assert table["extra"][-2:] == ["--cache-dir", str(tmp_path / "cache")] and table["native_bf16"] in (True, False)
+    for row in table["runs"]:
+        assert row["epochs"] == 2.0 and 0 <= row["test_acc"] <= 1 and row["val_acc"] is not None
+        config = json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
+        assert (config["recipe"], config["val_split"], config["seed"]) == ("cifar10-speedrun", 6, row["seed"])

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, load_checkpoint, write_text_atomic
 __all__ = ["FORMAT_VERSION", "RunFormatError", "TrainConfig", "ModelSpec", "RunInfo", "EpochRecord", "RunSummary",
            "Run", "load_run", "load_model", "build_model", "load_model_state", "resolve_checkpoint",
            "read_checkpoint", "write_config", "write_metrics", "read_metrics", "write_summary", "run_name",
-           "software_versions", "peak_memory_mb", "METRIC_FIELDS", "check_version"]
+           "software_versions", "peak_memory_mb", "METRIC_FIELDS", "check_version", "epochs_trained"]
 
 FORMAT_VERSION = 2
 
@@ -300,6 +300,19 @@ class EpochRecord:
             values[key] = int(float(value)) if kind in ("int", int) else float(value)
         values.setdefault("train_images", 0)
         return cls(**values)
+
+
+def epochs_trained(history: List[EpochRecord], train_images: int = 0, batch_size: int = 1) -> Tuple[float, int, int]:
+    """(epochs trained, images of the last epoch, images of a whole epoch): 4.62 after a time budget's partial
+    last epoch, measured against the epochs before it (which may drop a last short batch), or for a run of
+    one epoch against ``train_images`` (the training split) less a batch; (epochs, 0, 0) when all are whole."""
+    last = history[-1].train_images if history else 0
+    whole = max((r.train_images or 0) for r in history[:-1]) if len(history) > 1 else 0
+    if len(history) == 1 and train_images and last and last <= train_images - batch_size:
+        whole = train_images
+    if not (whole and last and last < whole):
+        return float(len(history)), 0, 0
+    return len(history) - 1 + last / whole, last, whole
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 
 from ..data.loader import Augment
-from ..runs import EpochRecord, Run, load_run
+from ..runs import EpochRecord, Run, epochs_trained, load_run
 from .plots import plot_confusion, plot_curves, plot_predictions, plot_top_losses, scored
 from .summary import human
 
@@ -38,15 +38,13 @@ def _budget_words(cfg, epochs_done: int) -> str:
             f"that the schedule ends with the budget)")
 
 
-def _epochs_words(history: List[EpochRecord]) -> str:
+def _epochs_words(history: List[EpochRecord], train_images: int = 0, batch_size: int = 1) -> str:
     """'4 epochs', or '4.62 epochs (the last on 31,000 of 50,000 training images)' after a time budget's
-    partial last epoch (measured against the epochs before it, which may drop a last short batch)."""
-    last = history[-1].train_images if history else None
-    train_images = max((r.train_images or 0) for r in history[:-1]) if len(history) > 1 else 0
-    if not (train_images and last and last < train_images):
+    partial last epoch."""
+    epochs, last, whole = epochs_trained(history, train_images, batch_size)
+    if not whole:
         return f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
-    return (f"{len(history) - 1 + last / train_images:.2f} epochs (the last on {last:,.0f} of {train_images:,.0f} "
-            f"training images)")
+    return f"{epochs:.2f} epochs (the last on {last:,.0f} of {whole:,.0f} training images)"
 
 
 def _folder_words(info) -> str:
@@ -74,7 +72,8 @@ def _headline(run: Run) -> str:
     if chosen is not None:
         text += f"; best.pt is epoch {chosen.epoch}, chosen on validation accuracy {chosen.val_acc:.4f}"
     total = sum(r.seconds for r in run.history)
-    return (f"{text}. {_epochs_words(run.history)} in {total / 60:.1f} min on {versions.get('device', '?')} "
+    epochs = _epochs_words(run.history, run.info.train_images, run.config.batch_size or 1)
+    return (f"{text}. {epochs} in {total / 60:.1f} min on {versions.get('device', '?')} "
             f"({versions.get('device_name', '')}, {versions.get('threads', '?')} threads).")
 
 

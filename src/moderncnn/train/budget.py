@@ -22,7 +22,7 @@ import functools
 import re
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -228,7 +228,7 @@ class TrainingPlan:
         self._agree = agree
         self._evaluations_timed = 0
         self._warm_from = None  # (time, step) where this epoch's timing started
-        self._early_step: Optional[int] = None
+        self._early_steps: Tuple[int, ...] = ()
         self._epoch_start = time.perf_counter()
 
     def lr_factor(self, step: int) -> float:
@@ -277,12 +277,15 @@ class TrainingPlan:
             self._replan(start_epoch + 1, sum(r.seconds for r in history))
 
     def begin_epoch(self, first_step: int) -> None:
-        self._warm_from, self._early_step = None, None
+        self._warm_from, self._early_steps = None, ()
         self._epoch_start = time.perf_counter()
         if self.planner is not None and not self.planner.measured:
-            # An unmeasured run plans from its first timed steps, mid-epoch (too short an epoch: at its end).
-            early = min(first_step + 11, self.steps_per_epoch - 2)
-            self._early_step = early if early > first_step + 1 else None
+            # An unmeasured run plans mid-epoch from its first timed step (an epoch longer than the budget
+            # ends in time) and again from ten; too short an epoch plans at its end. The steps are fixed, not
+            # timed, so that every process of a distributed run agrees on the plan at the same step.
+            last = self.steps_per_epoch - 2
+            self._early_steps = tuple(sorted({s for s in (first_step + 2, min(first_step + 11, last))
+                                              if first_step + 1 < s <= last}))
 
     def after_step(self, epoch: int, step: int, first_step: int, spent_before: float) -> bool:
         """Time the epoch's steps; returns True where the plan changed. The clock starts after the first two
@@ -291,13 +294,8 @@ class TrainingPlan:
             return False
         if step == first_step + 1:
             self._warm_from = (time.perf_counter(), step)
-        if self._early_step is None or step < first_step + 2:
+        if step not in self._early_steps:
             return False
-        # Early at the tenth timed step, or sooner once the steps have taken a twentieth of the budget.
-        elapsed = time.perf_counter() - self._epoch_start
-        if step != self._early_step and elapsed < self.cfg.budget / 20:
-            return False
-        self._early_step = None
         per_step = (time.perf_counter() - self._warm_from[0]) / (step - self._warm_from[1])
         side = self.side(epoch)
         self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images, provisional=True)
