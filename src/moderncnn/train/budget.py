@@ -264,17 +264,14 @@ class TrainingPlan:
     def _evaluation_seconds_after(self, epoch: int) -> float:
         return self.planner.evaluation_seconds() if self.evaluates_after(epoch) else 0.0
 
-    def _replan(self, committed: int, spent: float, current: Optional[int] = None) -> None:
-        self.total_steps = int(self._agree(self.planner.plan(committed, spent, current)))
-
-    def _replan_mid_epoch(self, done: int, spent: float) -> None:
-        self.total_steps = int(self._agree(self.planner.plan_mid_epoch(done, spent, self.total_steps)))
+    def _adopt(self, steps: int) -> None:
+        self.total_steps = int(self._agree(steps))
 
     def start(self, start_epoch: int, history: List[EpochRecord]) -> None:
         """Plan a new or resumed run (a resumed one from the epochs it has done)."""
         if self.planner is not None:
             self.planner.record_history(history)
-            self._replan(start_epoch + 1, sum(r.seconds for r in history))
+            self._adopt(self.planner.plan(start_epoch + 1, sum(r.seconds for r in history)))
 
     def begin_epoch(self, first_step: int) -> None:
         self._warm_from, self._early_steps = None, ()
@@ -300,8 +297,9 @@ class TrainingPlan:
         side = self.side(epoch)
         self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images, provisional=True)
         # Planned from the steps done, not the whole epoch: an epoch longer than the budget ends early.
-        self._replan_mid_epoch(epoch * self.steps_per_epoch + step + 1,
-                               spent_before + time.perf_counter() - self._epoch_start)
+        self._adopt(self.planner.plan_mid_epoch(epoch * self.steps_per_epoch + step + 1,
+                                                spent_before + time.perf_counter() - self._epoch_start,
+                                                self.total_steps))
         return True
 
     def end_epoch(self, epoch: int, side: int, train_time: float, seen: int, last_step: int,
@@ -315,7 +313,8 @@ class TrainingPlan:
             self.planner.record_train(side, per_step * self.steps_per_epoch, self.planner.train_images)
         else:
             self.planner.record_train(side, train_time, seen)
-        self._replan(epoch + 1, spent_before + train_time + self._evaluation_seconds_after(epoch), self.total_steps)
+        spent = spent_before + train_time + self._evaluation_seconds_after(epoch)
+        self._adopt(self.planner.plan(epoch + 1, spent, self.total_steps))
 
     def record_evaluation(self, seconds: float) -> None:
         """A plain (no TTA) evaluation's time; the process's first carries one-time costs."""
