@@ -47,6 +47,18 @@ def test_budget_stops_after_the_epoch_that_passes_it(data_dir, tmp_path):
     assert summary["epochs_done"] == 1 and summary["epochs_planned"] == 1
 
 
+def test_report_counts_the_partial_epoch_of_a_budget(data_dir, tmp_path):
+    # 32 steps of 4 images per epoch: a 1 ms budget ends the plan at twice the steps done when it is first
+    # made (6), inside the first epoch.
+    comp = compare(["densenet_bc_fmnist"], dataset="mnist", epochs=3, budget="0.001s", val_split=16.0,
+                   out=str(tmp_path), name="p", progress=False,
+                   train_args=["--data-dir", str(data_dir), "--batch-size", "4"])
+    row = next(line for line in (comp / "report.md").read_text().splitlines()
+               if line.startswith("| densenet_bc_fmnist |"))
+    assert row.endswith("| 0.21 |"), row  # 24 of the 112 training images
+    assert "val_split=16." in (comp / "report.md").read_text()  # a count, not 16.0
+
+
 def test_parse_budget_and_unknown_model(tmp_path):
     assert parse_budget("10m") == 600 and parse_budget("1.5h") == 5400 and parse_budget("90") == 90
     with pytest.raises(ValueError, match="budget must look like"):

@@ -106,12 +106,17 @@ def _finished_runs(comp_dir: Path, models: Sequence[str]) -> List[Run]:
     return sorted(runs, key=lambda r: r.summary.final_acc, reverse=True)
 
 
+def _number(value: Any) -> Any:
+    """5000 for the 5000.0 that a JSON round trip or a float flag made of a count."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _settings_text(options: Dict[str, Any]) -> str:
     parts = [f"Recipe `{options.get('recipe', 'fast')}`"]
     if options.get("epochs"):
         parts.append(f"{options['epochs']} epochs")
     if options.get("budget"):
-        parts.append(f"budget {options['budget']:.0f}s of training per model")
+        parts.append(f"budget {options['budget']:.0f}s per model (training and evaluation)")
     if options.get("subset"):
         parts.append(f"subset of {options['subset']} train and test images")
     if options.get("image_size"):
@@ -119,7 +124,7 @@ def _settings_text(options: Dict[str, Any]) -> str:
     others = {k: v for k, v in options.items() if k not in ("recipe", "epochs", "budget", "subset", "image_size",
                                                              "dataset", "data_dir")}
     if others:
-        parts.append("options " + ", ".join(f"{k}={v}" for k, v in sorted(others.items())))
+        parts.append("options " + ", ".join(f"{k}={_number(v)}" for k, v in sorted(others.items())))
     return ", ".join(parts)
 
 
@@ -143,17 +148,20 @@ def write_comparison_report(comp_dir: Path) -> Path:
            f"{runs[0].info.versions.get('torch') if runs else '?'}")
     lines = [f"# Comparison on {dataset}", "", f"Command: `{settings['command']}`", "",
              f"Environment: {env}. {_settings_text(options)}.", "",
-             "| model | params | FLOPs/image | peak memory | train time | images/s | final test acc | val acc "
+             "| model | params | FLOPs/image | peak memory | time | images/s | final test acc | val acc "
              "(best.pt) | epochs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in rows:
+    for run in runs:
+        s, epochs = run.summary, run.epochs_trained()[0]
         val = f"{s.chosen_val_acc:.4f}" if s.chosen_val_acc is not None else "-"
+        epochs_text = f"{epochs:.2f}" if epochs % 1 else f"{epochs:.0f}"  # 4.44 after a budget's partial epoch
         lines.append(f"| {s.model} | {s.params:,} | {human(s.flops_per_image)} | {s.peak_memory_mb:.0f} MB | "
                      f"{s.train_seconds:.0f}s | {s.images_per_second:.0f} | {s.final_acc:.4f} | {val} | "
-                     f"{s.epochs_done} |")
+                     f"{epochs_text} |")
     missing = [m for m in settings["models"] if m not in {s.model for s in rows}]
     if missing:
         lines += ["", f"Not finished (re-run the command to resume): {', '.join(missing)}."]
-    lines += ["", "Peak memory is the training process's peak resident memory on the CPU (max allocated on a GPU).",
+    lines += ["", "Time is each run's training and evaluations together; images/s is its training speed. Peak memory "
+              "is the training process's peak resident memory on the CPU (max allocated on a GPU).",
               "", "![accuracy](accuracy.png)", "", "![tradeoff](tradeoff.png)", ""]
     lines += [f"- [{s.model}]({s.model}/report.md)" for s in rows]
     write_text_atomic(comp_dir / "report.md", "\n".join(lines) + "\n")

@@ -411,6 +411,10 @@ class Run:
         scored = [r for r in self.history if r.scored]
         return scored[-1].test_acc if scored else None
 
+    def epochs_trained(self) -> Tuple[float, int, int]:
+        """:func:`epochs_trained` of this run's history (4.62 after a time budget's partial last epoch)."""
+        return epochs_trained(self.history, self.info.train_images, self.config.batch_size or 1)
+
 
 def load_run(path: Union[str, Path]) -> Run:
     """Read a run directory's config.json, metrics.csv and (if the run finished) summary.json."""

@@ -209,7 +209,7 @@ def plot_tradeoff(points: Sequence[Tuple[str, float, float, float]], path: Path,
     from .summary import human
     fig = Figure(figsize=(11, 4.5))
     axes = fig.subplots(1, 2)
-    for ax, column, label in ((axes[0], 1, "FLOPs per image"), (axes[1], 2, "training time, s")):
+    for ax, column, label in ((axes[0], 1, "FLOPs per image"), (axes[1], 2, "time, s (training and evaluation)")):
         for point in points:
             ax.scatter(point[column], point[3], s=30)
             ax.annotate(point[0], (point[column], point[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
