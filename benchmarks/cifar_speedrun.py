@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from moderncnn.runs import epochs_trained
+from moderncnn.runs import load_run
 from moderncnn.train.budget import parse_budget
 
 
@@ -62,7 +62,7 @@ def speedrun(seed: int, args, extra) -> dict:
     result = moderncnn.train(values, explicit=explicit | set(values))
     wall = time.perf_counter() - start
     return dict(seed=seed, wall_s=round(wall, 1), train_s=round(result.train_seconds, 1),
-                epochs=round(epochs_trained(result.history)[0], 2),
+                epochs=round(load_run(result.run_dir).epochs_trained()[0], 2),  # as the run's report counts them
                 val_acc=result.val_acc, test_acc=result.final_acc, run_dir=str(result.run_dir))
 
 
