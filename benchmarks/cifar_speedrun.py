@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import torch
-    from moderncnn.train.setup import cpu_has_native_bf16
+    from moderncnn.train.precision import cpu_has_native_bf16
 
     native = cpu_has_native_bf16()
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; bfloat16 in hardware: "

@@ -1,10 +1,12 @@
 """Files in the real dataset formats, generated for tests."""
 import gzip
+import signal
 from pathlib import Path
 
 import numpy as np
 
 import moderncnn.data
+from moderncnn.train import Callback
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
@@ -36,3 +38,23 @@ def make_mnist(root: Path, n_train=40, n_test=20, compress=True, labels_max=9, l
         write_idx(root / f"{split}-images-idx3-ubyte{sfx}", images, compress)
         write_idx(root / f"{split}-labels-idx1-ubyte{sfx}", labels, compress)
     return root
+
+
+def tiny(data_dir, out, **kw):
+    """The options of a two-epoch run on the data of ``make_mnist(..., learnable=True)``."""
+    base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, batch_size=64,
+                out=str(out), name="run", progress=False, lr=0.2, seed=3, augment="none")
+    base.update(kw)
+    return base
+
+
+class CtrlCAtStep(Callback):
+    """Presses Ctrl-C during the n-th optimizer step of the run (1-based)."""
+
+    def __init__(self, n):
+        self.n, self.steps = n, 0
+
+    def on_step_end(self, run, state, step):
+        self.steps += 1
+        if self.steps == self.n:
+            signal.raise_signal(signal.SIGINT)

@@ -26,6 +26,21 @@ def test_bench_pairs_torchvision_twins_and_measures_our_own_networks_alone():
     assert ratio_lines and len(re.findall(r"\d\.\d\dx", ratio_lines[0])) == 3  # vs tv, vs tv-CL, memory vs tv
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_bench_under_autocast_adds_a_vs_fp32_column(amp):
+    printed = []
+    rows = run_benchmark(["resnet18"], input_size=(3, 32, 32), batch=2, steps=1, eval_batch=2, isolate=False,
+                         out=printed.append, repeats=1, amp=amp)
+    ours = rows[0]["ours_train"]
+    assert ours["fp32_images_per_second"] > 0 and rows[0]["tv_train"]["fp32_images_per_second"] > 0
+    header, *lines = [l for l in printed[0].splitlines() if l.strip()][1:]
+    assert "vs fp32" in header
+    train_line = next(l for l in lines if l.strip().startswith("moderncnn train"))
+    assert len(re.findall(r"\d\.\d\dx", train_line)) == 4  # vs fp32, vs tv, vs tv-CL, memory vs tv
+    with pytest.raises(ValueError, match="amp must be bf16, fp16 or off"):
+        run_benchmark(["resnet18"], amp="fp8", isolate=False, out=printed.append)
+
+
 @pytest.mark.slow
 def test_memory_is_measured_pinned_and_as_run_in_fresh_processes():
     from moderncnn.bench import _measure_isolated

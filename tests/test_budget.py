@@ -258,8 +258,8 @@ def test_a_partial_last_epoch_ends_the_schedule_and_is_reported(data_dir, tmp_pa
     assert json.loads((tmp_path / "p" / "summary.json").read_text())["epochs_done"] == 2
     assert load_checkpoint(tmp_path / "p" / "last.pt")["scheduler"]["last_epoch"] == 6
     rows = (tmp_path / "p" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith(",train_images,format_version") and rows[1].endswith(",128,2")
-    assert rows[2].endswith(",64,2")
+    assert rows[0].endswith(",train_images,skipped_steps,format_version") and rows[1].endswith(",128,0,3")
+    assert rows[2].endswith(",64,0,3")
     assert "1.50 epochs (the last on 64 of 128 training images)" in (tmp_path / "p" / "report.md").read_text()
     from moderncnn.report.run import _epochs_words
     # Whole epochs that drop a last short batch (59,904 of 60,000 images) are whole epochs.

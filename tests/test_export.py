@@ -1,4 +1,5 @@
-"""ONNX and TorchScript export: every registered model, equal to PyTorch; export + predict of a run."""
+"""Export: torch.export (.pt2) and ONNX (dynamo) for every registered model, equal to PyTorch; safetensors into
+torchvision's models; AOTInductor; TorchScript; export + predict of a run in every format."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 import moderncnn
 from moderncnn import create_model, list_models
-from moderncnn.export import export, export_model
+from moderncnn.export import FORMATS, export, export_model, load_exported, meta_path
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -28,36 +29,84 @@ def _calibrated(name, size, **kwargs):
     return model.eval()
 
 
-def _check_onnx(name, tmp_path, default_size=False):
+def _check_export(name, tmp_path, fmt, default_size=False, onnx_exporter="dynamo"):
     with torch.device("meta"):
         probe = create_model(name, num_classes=10, in_chans=1)
     c, h, w = probe.default_input_size if default_size else probe.min_input_size
     size = h if default_size else max(h, 32)
     model = _calibrated(name, size)
-    path = export_model(model, tmp_path / f"{name}.onnx", "onnx", (c, size, size))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    path = export_model(model, tmp_path / f"{name}{FORMATS[fmt]}", fmt, (c, size, size), onnx_exporter=onnx_exporter)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {"images": x.numpy()})[0]  # noqa: E731
+    else:
+        loaded = load_exported(path)
+        run = lambda x: loaded(x).numpy()  # noqa: E731
     for batch in (1, 3):
         x = torch.randn(batch, c, size, size)
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(None, {"images": x.numpy()})[0]
+            got = run(x)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["in_chans"] == 1 and meta["image_size"] == size
-    del session
+    meta = json.loads(meta_path(path).read_text())
+    assert meta["in_chans"] == 1 and meta["image_size"] == size and meta["format"] == fmt
+    if fmt == "onnx":
+        assert meta["opset"] == 18 and meta["onnx_exporter"] == onnx_exporter
+        del session
     path.unlink()  # VGG at 224 is ~0.5 GB: a session of them must not fill a small /tmp
 
 
+# Representatives of the families for the default suite; the dynamo ONNX exporter takes ~10 s a model.
+ONNX_FAST = ["densenet_bc_fmnist", "resnet18", "googlenet_d2l", "cspresnet50"]
+
+
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in HUGE])
+def test_pt2_export_matches_pytorch(name, tmp_path):
+    _check_export(name, tmp_path, "pt2")
+
+
+@pytest.mark.parametrize("name", ONNX_FAST)
 def test_onnx_export_matches_pytorch(name, tmp_path):
-    _check_onnx(name, tmp_path)
+    _check_export(name, tmp_path, "onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in HUGE and n not in ONNX_FAST])
+def test_onnx_export_matches_pytorch_every_model(name, tmp_path):
+    _check_export(name, tmp_path, "onnx")
+
+
+def test_legacy_onnx_exporter_on_request(tmp_path):
+    _check_export("resnet_d2l", tmp_path, "onnx", onnx_exporter="legacy")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HUGE))
-def test_onnx_export_matches_pytorch_large_models(name, tmp_path):
+def test_export_matches_pytorch_large_models(name, tmp_path):
     # At their ImageNet size: ONNX cannot express an adaptive pool that upsamples (AlexNet/VGG at 32x32).
-    _check_onnx(name, tmp_path, default_size=True)
+    _check_export(name, tmp_path, "onnx", default_size=True)
+    _check_export(name, tmp_path, "pt2", default_size=True)
+
+
+@pytest.mark.parametrize("name, tv_name", [("densenet121", "densenet121"), ("resnet50", "resnet50")])
+def test_safetensors_load_into_torchvision_with_equal_logits(name, tv_name, tmp_path):
+    import torchvision
+    from safetensors.torch import load_file
+    model = create_model(name, num_classes=7, in_chans=3).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # running statistics of their own, not the initial ones
+    model.eval()
+    path = export_model(model, tmp_path / "m.safetensors", "safetensors", (3, 64, 64),
+                        meta={"model_name": name, "num_classes": 7})
+    theirs = getattr(torchvision.models, tv_name)(num_classes=7).eval()
+    theirs.load_state_dict(load_file(str(path)), strict=True)
+    ours = moderncnn.load_model(path)
+    again = create_model(name, num_classes=7, in_chans=3, pretrained=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        for other in (theirs, ours, again):
+            torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -67,29 +116,30 @@ def test_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
     path = export_model(model, tmp_path / "m.onnx", "onnx", (1, 32, 32))
     before = path.read_bytes()
 
-    def disk_full(model, example, target, opset):
+    def disk_full(model, example, target, opset, exporter):
         target.write_bytes(b"\x08\x08half a model")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_module, "_export_onnx", disk_full)
+    monkeypatch.setitem(export_module._WRITERS, "onnx", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_model(model, path, "onnx", (1, 32, 32))
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet18_wrc", "googlenet", "cspresnet50"])
-def test_torchscript_roundtrip(name, tmp_path):
+def test_torchscript_roundtrip(name, tmp_path, capfd):
     model = create_model(name, num_classes=5, in_chans=3).eval()
-    path = export_model(model, tmp_path / "m.pt", "torchscript", (3, 64, 64))
-    loaded = torch.jit.load(str(path))
+    path = export_model(model, tmp_path / "m.torchscript.pt", "torchscript", (3, 64, 64))
+    assert "TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it" in capfd.readouterr().err
+    loaded = load_exported(path)
     for batch in (1, 4):
         x = torch.randn(batch, 3, 64, 64)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_export_run_and_predict_with_onnx(tmp_path, capsys):
+def test_export_run_and_predict_in_every_format(tmp_path, capsys):
     from PIL import Image
     from helpers import make_mnist
     from moderncnn.cli import main
@@ -98,21 +148,45 @@ def test_export_run_and_predict_with_onnx(tmp_path, capsys):
     moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, batch_size=64, out=str(tmp_path), name="r",
                     progress=False, augment="none")
     run = tmp_path / "r"
-    assert main(["export", str(run), "--format", "onnx"]) == 0
-    assert (run / "model.onnx").is_file() and (run / "model.json").is_file()
-    meta = json.loads((run / "model.json").read_text())
-    assert meta["classes"] == [str(i) for i in range(10)] and len(meta["mean"]) == 1
     images = []
     for i in range(4):
         p = tmp_path / f"{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)).save(p)
         images.append(str(p))
-    from_onnx = predict_files(str(run / "model.onnx"), images, top_k=3)
     from_ckpt = predict_files(str(run), images, top_k=3)
-    for (_, a), (_, b) in zip(from_onnx, from_ckpt):
-        assert [n for n, _ in a] == [n for n, _ in b]
-        np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-4)
-    assert main(["export", str(run), "--format", "torchscript"]) == 0
-    assert (run / "model.pt").is_file()
+    for fmt in ("onnx", "pt2", "safetensors", "torchscript"):
+        assert main(["export", str(run), "--format", fmt]) == 0
+        path = run / f"model{FORMATS[fmt]}"
+        meta = json.loads(meta_path(path).read_text())
+        assert meta["classes"] == [str(i) for i in range(10)] and len(meta["mean"]) == 1
+        assert meta["model_name"] == "densenet_bc_fmnist" and meta["num_classes"] == 10
+        for (_, a), (_, b) in zip(predict_files(str(path), images, top_k=3), from_ckpt):
+            assert [n for n, _ in a] == [n for n, _ in b], fmt
+            np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-4)
+        assert main(["predict", str(path), images[0]]) == 0
     with pytest.raises(ValueError, match="would overwrite a checkpoint"):
-        export(str(run), "torchscript", output=str(run / "best.pt"))
+        export(str(run), "torchscript", output=str(run / "last.pt"))
+
+
+@pytest.mark.slow
+def test_aoti_package_predicts_like_pytorch(tmp_path):
+    import shutil
+    if not (shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")):
+        pytest.skip("AOTInductor needs a C++ compiler and none is installed")
+    model = _calibrated("densenet_bc_fmnist", 28)
+    path = export_model(model, tmp_path / "m.aoti.pt2", "aoti", (1, 28, 28))
+    loaded = load_exported(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_aoti_without_a_compiler_is_one_line(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    model = create_model("resnet_d2l", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler .* and none was found"):
+        export_model(model, tmp_path / "m.aoti.pt2", "aoti", (1, 32, 32))
+    assert list(tmp_path.iterdir()) == []

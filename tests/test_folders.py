@@ -134,7 +134,9 @@ def test_a_run_reports_its_skipped_files(tmp_path, cache):
                      "--model-arg", "small_input=True", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path),
                      "--name", "r", "--no-progress"])
     assert code == 0
-    assert _warning_line("a file was skipped", UserWarning, "x.py", 1) == "moderncnn: warning: a file was skipped\n"
+    import moderncnn.data.folder
+    assert _warning_line("a file was skipped", UserWarning, moderncnn.data.folder.__file__, 1) == (
+        "moderncnn: warning: a file was skipped\n")
     assert "1 unreadable file skipped" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -165,7 +167,7 @@ def test_folders_that_cannot_make_a_classifier_are_one_line_errors(tmp_path, cac
     if case == "extra test class":
         make_folder(root, classes=("bird",), splits=("test",))
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(tmp_path / "runs"),
-                 "--no-progress"]) == 2
+                 "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "".join(err)
 

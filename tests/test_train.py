@@ -17,9 +17,8 @@ from moderncnn.checkpoint import save_checkpoint
 from moderncnn.runs import METRIC_FIELDS, load_model_state
 from moderncnn.train import (Callback, CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
                              load_checkpoint, resolve_config)
-from moderncnn.train import setup as train_setup
 
-from helpers import make_mnist
+from helpers import CtrlCAtStep, make_mnist, tiny
 
 RUN_FILES = ["config.json", "metrics.csv", "summary.json", "curves.png", "predictions.png", "confusion.png",
              "report.md", "last.pt"]
@@ -28,13 +27,6 @@ RUN_FILES = ["config.json", "metrics.csv", "summary.json", "curves.png", "predic
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=384, n_test=128, learnable=True)
-
-
-def tiny(data_dir, out, **kw):
-    base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=2, batch_size=64,
-                out=str(out), name="run", progress=False, lr=0.2, seed=3, augment="none")
-    base.update(kw)
-    return base
 
 
 def test_end_to_end_run_directory(data_dir, tmp_path):
@@ -50,7 +42,7 @@ def test_end_to_end_run_directory(data_dir, tmp_path):
     assert list(rows[0]) == METRIC_FIELDS and len(rows) == 2
     assert float(rows[-1]["test_acc"]) == pytest.approx(result.final_acc, abs=1e-5)
     assert not (run / "best.pt").exists() and result.chosen_epoch is None  # no validation set: nothing chosen
-    assert rows[-1]["val_acc"] == "" and rows[-1]["format_version"] == "2"
+    assert rows[-1]["val_acc"] == "" and rows[-1]["format_version"] == "3"
     assert result.final_acc > 0.3  # learnable squares: well above chance (0.1) after 2 short epochs
     for png in ("curves.png", "predictions.png", "confusion.png"):
         with Image.open(run / png) as img:
@@ -75,18 +67,6 @@ def test_alternating_flip_run_names_it_in_the_report(data_dir, tmp_path):
     moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, augment="crop+altflip"))
     report = (tmp_path / "run" / "report.md").read_text()
     assert "augmentation crop+altflip (alternating flip)" in report
-
-
-class CtrlCAtStep(Callback):
-    """Presses Ctrl-C during the n-th optimizer step of the run (1-based)."""
-
-    def __init__(self, n):
-        self.n, self.steps = n, 0
-
-    def on_step_end(self, run, state, step):
-        self.steps += 1
-        if self.steps == self.n:
-            signal.raise_signal(signal.SIGINT)
 
 
 def test_resume_at_epoch_boundary_gives_same_result(data_dir, tmp_path, monkeypatch):
@@ -420,48 +400,3 @@ def test_predict_preprocesses_files_exactly_as_training(tmp_path):
         by_name = dict(ranked)
         for c, name in enumerate(model.classes):
             assert by_name[name] == pytest.approx(probs[i, c].item(), abs=1e-5)
-
-
-# --- mixed precision: bfloat16 where the device has it in hardware ----------------------------------------
-
-@pytest.mark.parametrize("native", [True, False])
-def test_autocast_dtype_follows_the_hardware(monkeypatch, native):
-    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: native)
-    cpu = torch.device("cpu")
-    assert train_setup.autocast_dtype(False, cpu) is None
-    assert train_setup.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
-    if native:
-        assert train_setup.autocast_dtype(True, cpu) == torch.bfloat16
-    else:
-        with pytest.raises(ValueError, match="AVX512-BF16 or AMX.*--no-amp or --amp auto"):
-            train_setup.autocast_dtype(True, cpu)
-
-
-def test_amp_flag_takes_auto_and_refuses_other_values():
-    from moderncnn.cli import build_parser, config_from_args
-    parser = build_parser()
-    for argv, want in [(["--amp"], True), (["--amp", "auto"], "auto"), (["--no-amp"], False), ([], False)]:
-        values, explicit = config_from_args(parser.parse_args(["train", *argv]))
-        assert TrainConfig.from_dict(values).amp == want and (("amp" in explicit) == bool(argv)), argv
-    with pytest.raises(SystemExit):
-        parser.parse_args(["train", "--amp", "yes"])
-    with pytest.raises(ValueError, match="amp must be"):
-        resolve_config(TrainConfig(amp="sometimes"))
-    # --no-amp beats a recipe's "auto"
-    assert resolve_config(TrainConfig(recipe="cifar10", amp=False), explicit={"amp"}).amp is False
-
-
-def test_bfloat16_run_on_the_cpu_records_its_precision(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: True)  # oneDNN emulates it where it is not
-    result = moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp=True))
-    run = tmp_path / "run"
-    assert json.loads((run / "summary.json").read_text())["precision"] == "bfloat16 autocast"
-    assert json.loads((run / "config.json").read_text())["precision"] == "bfloat16 autocast"
-    assert "bfloat16 autocast |" in (run / "report.md").read_text()
-    assert result.final_acc > 0.2  # learns in bfloat16 (chance is 0.1)
-    monkeypatch.setattr(train_setup, "cpu_has_native_bf16", lambda: False)
-    moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp="auto", name="fp32"))
-    assert json.loads((tmp_path / "fp32" / "summary.json").read_text())["precision"] == "float32"
-    with pytest.raises(ValueError, match="needs bfloat16 in hardware"):
-        moderncnn.train(**tiny(data_dir, tmp_path, epochs=1, amp=True, name="refused"))
-    assert not (tmp_path / "refused").exists()

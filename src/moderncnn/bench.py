@@ -69,8 +69,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _amp_kind(amp) -> str:
+    """"off", "bf16" or "fp16" from a benchmark's ``amp`` (True is bf16, as before fp16 existed)."""
+    if amp in (None, False, "off"):
+        return "off"
+    if amp in (True, "bf16"):
+        return "bf16"
+    if amp == "fp16":
+        return "fp16"
+    raise ValueError(f"amp must be bf16, fp16 or off, got {amp!r}")
+
+
 def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
-              amp: bool = False, channels_last: bool = False, model_kwargs: Optional[Dict] = None):
+              amp="off", channels_last: bool = False, model_kwargs: Optional[Dict] = None):
     """One step of a configuration as a function: ``mode`` is "train" (SGD), "train_me" (memory-efficient),
     "eval" or "eval_opt" (:func:`optimize_for_inference`); ``model_kwargs`` reshape our network (e.g.
     ``growth_rate=16``). Random inputs, seeded."""
@@ -89,17 +103,25 @@ def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=fmt)
-    amp_ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else (lambda: torch.autocast(dev.type, enabled=False))
+    dtype = _AUTOCAST[_amp_kind(amp)]
+    amp_ctx = lambda: torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
     if mode.startswith("train"):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        # float16 trains as the trainer does it: the loss scaled, the step taken by the scaler
+        scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
 
         def step():
             with amp_ctx():
                 loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
     else:
         model.eval()
         if mode == "eval_opt":
@@ -113,7 +135,7 @@ def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch:
 
 
 def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
-            steps: int = 5, warmup: int = 2, amp: bool = False, channels_last: bool = False,
+            steps: int = 5, warmup: int = 2, amp="off", channels_last: bool = False,
             repeats: int = 1, model_kwargs: Optional[Dict] = None) -> Dict:
     """One configuration (see :func:`make_step`), timed.
 
@@ -170,11 +192,20 @@ def _measure_isolated(args: Dict) -> Dict:
 
 
 def run_benchmark(models: Sequence[str], input_size=(1, 96, 96), batch: int = 64, device: str = "cpu",
-                  steps: int = 5, eval_batch: int = 128, amp: bool = False, channels_last: bool = False,
+                  steps: int = 5, eval_batch: int = 128, amp="off", channels_last: bool = False,
                   isolate: Optional[bool] = None, out=print, repeats: int = 3) -> List[Dict]:
     """Measure every configuration and print a side-by-side table; returns one row per model."""
     isolate = (device == "cpu") if isolate is None else isolate
-    run = _measure_isolated if isolate else (lambda a: measure(**a))
+    once = _measure_isolated if isolate else (lambda a: measure(**a))
+    mixed = _amp_kind(amp) != "off"
+
+    def run(args: Dict) -> Dict:
+        """One configuration; under --amp also in float32, for its ``vs fp32`` ratio."""
+        result = once(args)
+        if mixed:
+            result["fp32_images_per_second"] = once(dict(args, amp="off"))["images_per_second"]
+        return result
+
     rows = []
     from .models import create_model
     for name in models:
@@ -214,13 +245,17 @@ def _ratio(value: Optional[float], reference: Optional[float]) -> str:
 def _format_row(r: Dict) -> str:
     tv, tv_cl, ours, opt = r.get("tv_train"), r.get("tv_train_cl"), r["ours_train"], r["ours_eval_opt"]
     as_run = "peak_mb_as_run" in ours
+    mixed = "fp32_images_per_second" in ours
     lines = [f"\n{r['model']} ({ours['device']}, input {'x'.join(map(str, r['input_size']))}, train batch "
              f"{ours['batch']}, eval batch {opt['batch']}){'' if tv else ': no torchvision counterpart'}",
-             f"  {'configuration':36s} {'img/s':>8s} {'vs tv':>7s} {'vs tv-CL':>9s} {'peak MB':>8s} {'mem vs tv':>10s}"
+             f"  {'configuration':36s} {'img/s':>8s}" + (f" {'vs fp32':>8s}" if mixed else "")
+             + f" {'vs tv':>7s} {'vs tv-CL':>9s} {'peak MB':>8s} {'mem vs tv':>10s}"
              + (f" {'as run MB':>10s} {'mem vs tv':>10s}" if as_run else "")]
 
     def line(label, m, speed_refs=(tv, tv_cl), memory=True):
         text = f"  {label:36s} {m['images_per_second']:8.1f}"
+        if mixed:
+            text += f" {_ratio(m['images_per_second'], m.get('fp32_images_per_second')):>8s}"
         text += "".join(f" {_ratio(m['images_per_second'], ref and ref['images_per_second']):>{w}s}"
                         for ref, w in zip(speed_refs, (7, 9)))
         if memory:
@@ -239,6 +274,9 @@ def _format_row(r: Dict) -> str:
     if "ours_train_me" in r:
         line("moderncnn train memory_efficient", r["ours_train_me"])
     if "tv_eval" in r:
-        lines.append(f"  {'torchvision eval()':36s} {r['tv_eval']['images_per_second']:8.1f}")
+        tv_eval = r["tv_eval"]
+        lines.append(f"  {'torchvision eval()':36s} {tv_eval['images_per_second']:8.1f}"
+                     + (f" {_ratio(tv_eval['images_per_second'], tv_eval.get('fp32_images_per_second')):>8s}"
+                        if mixed else ""))
     line("moderncnn optimize_for_inference", opt, speed_refs=(r.get("tv_eval"), None), memory=False)
     return "\n".join(lines)

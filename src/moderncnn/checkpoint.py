@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "write_text_atomic", "load_checkpoint", "FORMAT"]
+from .runlock import temporary_name
+
+__all__ = ["CheckpointError", "save_checkpoint", "save_tensors_atomic", "write_text_atomic", "load_checkpoint", "FORMAT"]
 
 FORMAT = "moderncnn-checkpoint-v1"  # the container; the contents carry their own format_version (runs.py)
 
@@ -24,45 +25,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, unsafe, or for another model."""
 
 
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def _fsync_directory(directory: Path) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened (Windows): the rename is still atomic
+        return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def write_text_atomic(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: readers see the old
-    file or the new one, never half of one."""
+def _write_atomically(path: Union[str, Path], write) -> Path:
+    """``write(file)`` into a temporary file beside ``path`` (unique to this process), fsync it, rename it over
+    ``path`` and fsync the directory: a crash at any moment leaves the old file or the new one, whole, and a
+    failure (a full disk) leaves the old one and no temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the new one, never half."""
+    return _write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_tensors_atomic(data: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` of plain data and tensors to ``path``, atomically."""
+    return _write_atomically(path, lambda f: torch.save(data, f))
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same directory, flush+fsync, os.replace.
-    A crash at any moment leaves either the old file or the new one, whole."""
+    """Write ``state`` to ``path`` atomically (see :func:`write_text_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format=FORMAT), f)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_atomically(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomically(path, lambda f: torch.save(dict(state, format=FORMAT), f))
 
 
 def load_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from .runs import TrainConfig
+from .runs import ModerncnnWarning, TrainConfig, UsageError
 
 __all__ = ["main", "build_parser", "COMMANDS", "config_from_args", "add_train_arguments"]
 
@@ -33,10 +34,12 @@ def _budget(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _amp_choice(value: str):
-    if value != "auto":
-        raise argparse.ArgumentTypeError(f"--amp takes no value or 'auto', got {value!r}")
-    return value
+def _amp_choice(value: str) -> str:
+    from .runs import normalize_amp
+    try:
+        return normalize_amp(value, "--amp")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flag(name: str) -> str:
@@ -62,8 +65,9 @@ def _special_flags(p, name: str, help: str) -> bool:
         p.add_argument("--memory-efficient", action="store_true", default=None,
                        help="DenseNet: recompute concat-BN-ReLU in backward to save memory (default: off)")
     elif name == "amp":
-        p.add_argument("--amp", nargs="?", const=True, default=None, type=_amp_choice, metavar="auto", help=help)
-        p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 throughout")
+        p.add_argument("--amp", nargs="?", const="auto", default=None, type=_amp_choice,
+                       metavar="{auto,bf16,fp16,off}", help=help)
+        p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="float32 throughout (--amp off)")
     elif name == "tta":
         p.add_argument("--tta", type=int, nargs="?", const=1, default=None, metavar="LEVEL", help=help)
     elif name == "budget":
@@ -79,9 +83,9 @@ def add_train_arguments(p: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) 
     """One flag per :class:`TrainConfig` field (default None: the recipe decides), with its help and the
     default it resolves to."""
     from .data.folder import CACHE_MODES, RESIZE_MODES
-    from .train.config import INITS, OPTIMIZERS, SCHEDULES
+    from .train.config import FP32_PRECISIONS, INITS, OPTIMIZERS, SCHEDULES
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS, "resize": RESIZE_MODES,
-               "data_cache": CACHE_MODES}
+               "data_cache": CACHE_MODES, "fp32_precision": FP32_PRECISIONS}
     kinds = {"int": int, "float": float, "str": str}
     defaults = _shown_defaults()
     for f in dataclasses.fields(TrainConfig):
@@ -108,7 +112,7 @@ def parse_model_args(items) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--model-arg expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -186,7 +190,7 @@ def cmd_summary(args) -> int:
     if len(size) == 1:
         size = (3, size[0], size[0])
     if len(size) != 3:
-        raise ValueError(f"--input must be CxHxW (e.g. 1x96x96), got {'x'.join(map(str, size))}")
+        raise UsageError(f"--input must be CxHxW (e.g. 1x96x96), got {'x'.join(map(str, size))}")
     kwargs = {"small_input": True} if args.small_input else {}
     model = create_model(args.model, num_classes=args.classes, in_chans=size[0], **kwargs)
     print(summary(model, (args.batch, *size), depth=args.depth))
@@ -231,8 +235,9 @@ def cmd_eval(args) -> int:
 
 
 def _predict_arguments(p):
-    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|MODEL.onnx",
-                   help="a run directory, a checkpoint file, or an exported ONNX model")
+    p.add_argument("checkpoint", metavar="RUN_DIR|CHECKPOINT|EXPORTED",
+                   help="a run directory, a checkpoint file, or an exported model (.pt2, .onnx, .safetensors, "
+                        ".aoti.pt2, TorchScript)")
     p.add_argument("images", nargs="+", metavar="PATH", help="image files, directories (searched recursively) "
                                                              "or globs")
     p.add_argument("--top-k", type=int, default=3, help="(default: 3)")
@@ -282,28 +287,39 @@ def _bench_arguments(p):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts "
                                                             "(default: 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA, or a CPU with AVX512-BF16 or AMX)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                   help="run both implementations under this autocast (fp16 with a GradScaler), each configuration "
+                        "also in float32 for a 'vs fp32' column (default: float32 only)")
     p.add_argument("--channels-last", action="store_true", help="(default: off)")
 
 
 def cmd_bench(args) -> int:
     from .bench import run_benchmark
     run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
-                  args.amp, args.channels_last, repeats=args.repeats)
+                  args.amp or "off", args.channels_last, repeats=args.repeats)
     return 0
 
 
 def _export_arguments(p):
+    from .export import FORMATS, ONNX_EXPORTERS
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="the trained run or checkpoint to export")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
-    p.add_argument("--output", default=None, help="file to write (default: model.onnx / model.pt beside the run)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--format", choices=list(FORMATS), default="onnx",
+                   help="pt2: torch.export program; onnx: the dynamo exporter; safetensors: the weights, for "
+                        "fine-tuning; aoti: an AOTInductor package (needs a C++ compiler); torchscript: "
+                        "deprecated in torch (default: onnx)")
+    p.add_argument("--out", "--output", dest="output", default=None,
+                   help="file to write (default: model.pt2, model.onnx, model.safetensors, model.aoti.pt2 or "
+                        "model.torchscript.pt beside the checkpoint)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--onnx-exporter", choices=list(ONNX_EXPORTERS), default="dynamo",
+                   help="dynamo (torch.onnx.export(dynamo=True)), or the legacy TorchScript-based exporter, "
+                        "also used where the dynamo one is missing (default: dynamo)")
 
 
 def cmd_export(args) -> int:
-    from .export import export
-    path = export(args.source, args.format, args.output, args.opset)
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    from .export import export, meta_path
+    path = export(args.source, args.format, args.output, args.opset, args.onnx_exporter)
+    print(f"wrote {path} and {meta_path(path)}")
     return 0
 
 
@@ -320,13 +336,23 @@ def cmd_lr_find(args) -> int:
     from .train.lr_find import lr_find
     for flag in ("resume", "budget"):
         if getattr(args, f"refused_{flag}") is not None:
-            raise ValueError(f"lr-find sweeps a fixed number of steps from the initial weights: it takes no --{flag}")
+            raise UsageError(f"lr-find sweeps a fixed number of steps from the initial weights: it takes no --{flag}")
     values, explicit = config_from_args(args)
     result = lr_find(TrainConfig.from_dict(values), explicit, steps=args.steps, start_lr=args.start_lr,
                      end_lr=args.end_lr)
     print(f"suggested learning rate: {result.suggestion:.3g} (a tenth of {result.min_loss_lr:.3g}, where the "
           f"smoothed loss is lowest; steepest descent at {result.steepest:.3g}); plot: "
           f"{result.run_dir / 'lr_find.png'}")
+    return 0
+
+
+def _report_arguments(p):
+    p.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+
+
+def cmd_report(args) -> int:
+    from .report.run import write_run_report
+    print(f"wrote {write_run_report(args.run)}")
     return 0
 
 
@@ -337,9 +363,11 @@ COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "train": ("train a model (default: a small DenseNet-BC on Fashion-MNIST)", add_train_arguments, cmd_train),
     "eval": ("test accuracy of a trained run or checkpoint", _eval_arguments, cmd_eval),
     "predict": ("top-k classes for image files", _predict_arguments, cmd_predict),
+    "report": ("rebuild a run's report.md and plots from its files", _report_arguments, cmd_report),
     "compare": ("train several models alike and write one comparison report", _compare_arguments, cmd_compare),
     "bench": ("speed and memory side by side with torchvision", _bench_arguments, cmd_bench),
-    "export": ("export a trained model to ONNX or TorchScript", _export_arguments, cmd_export),
+    "export": ("export a trained model: torch.export (.pt2), ONNX, safetensors, AOTInductor, TorchScript",
+               _export_arguments, cmd_export),
     "lr-find": ("learning-rate range test: sweep the learning rate and suggest one", _lr_find_arguments,
                 cmd_lr_find),
 }
@@ -358,25 +386,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_default_format = warnings.formatwarning
+
+
 def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"moderncnn: warning: {message}\n"
+    """moderncnn's own warnings as one line; those of torch and other libraries as Python shows them."""
+    if issubclass(category, ModerncnnWarning) or os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        return f"moderncnn: warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+def _usage_errors() -> tuple:
+    """Bad values and combinations, which exit 2 as argparse's do (failures at run time exit 1)."""
+    from .models.layers import InputTooSmallError
+    from .models.registry import UnknownModelError
+    return UsageError, UnknownModelError, InputTooSmallError
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError):
+        text = f"missing key {exc}"
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    if not text or not isinstance(exc, (ValueError, OSError, RuntimeError)):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: every error is one line, ``moderncnn <command>: error: <message>``; exit 2 for usage
+    errors, 1 for failures at run time, 130/143 for Ctrl-C/SIGTERM; ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _warning_line  # one line on stderr, without the source line
-
+    warnings.formatwarning = _warning_line
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"moderncnn {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into head & co.
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the one place every failure becomes one line
         if args.debug:
             raise
-        print(f"moderncnn {args.command}: error: {str(exc).strip()}", file=sys.stderr)
-        return 2
+        print(f"moderncnn {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _usage_errors()) else 1

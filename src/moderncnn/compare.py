@@ -21,7 +21,7 @@ from .checkpoint import write_text_atomic
 from .models import create_model, is_model
 from .report.plots import plot_comparison_curves, plot_tradeoff
 from .report.summary import human
-from .runs import Run, RunFormatError, TrainConfig, load_run, run_name
+from .runs import Run, RunFileError, TrainConfig, load_run, read_json_file, run_name
 from .train.budget import parse_budget
 
 __all__ = ["compare", "parse_budget", "write_comparison_report"]
@@ -69,7 +69,7 @@ def compare(models: Sequence[str], out: str = "runs", name: Optional[str] = None
                else f"compare({list(models)}, **{options})")
     settings_file = comp_dir / "compare.json"
     if settings_file.exists():
-        previous = json.loads(settings_file.read_text())
+        previous = read_json_file(settings_file)
         if previous.get("models") != models:
             print(f"note: {comp_dir} held a comparison of {previous.get('models')}; continuing with {models}")
     write_text_atomic(settings_file, json.dumps({"models": models, "options": options, "command": command,
@@ -99,7 +99,7 @@ def _finished_runs(comp_dir: Path, models: Sequence[str]) -> List[Run]:
     for model in models:
         try:
             run = load_run(comp_dir / model)
-        except RunFormatError:
+        except RunFileError:  # a damaged run counts as not finished: rerunning the comparison resumes it
             continue
         if run.summary is not None:
             runs.append(run)
@@ -131,7 +131,7 @@ def _settings_text(options: Dict[str, Any]) -> str:
 def write_comparison_report(comp_dir: Path) -> Path:
     """results.csv, accuracy.png, tradeoff.png and report.md from the finished runs in ``comp_dir``."""
     comp_dir = Path(comp_dir)
-    settings = json.loads((comp_dir / "compare.json").read_text())
+    settings = read_json_file(comp_dir / "compare.json")
     options = settings.get("options", {})
     dataset = options.get("dataset", "fashion-mnist")
     runs = _finished_runs(comp_dir, settings["models"])

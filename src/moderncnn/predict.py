@@ -3,13 +3,13 @@ run, a checkpoint or an exported ONNX model), with the training-time preprocessi
 mean/std)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .exported import export_meta, exported_format, load_exported
 from .runs import ModelSpec, build_model, read_checkpoint, resolve_checkpoint
 
 __all__ = ["predict_files", "predict_paths", "expand_paths", "load_images", "evaluate_checkpoint", "Evaluation",
@@ -144,28 +144,30 @@ def predict_paths(source: str, paths: Sequence[str], top_k: int = 3, device: str
 
 
 def _input_format(source) -> Tuple[int, Optional[tuple]]:
-    """(channels, stored image size) the model's training data had, from a run, checkpoint or ONNX file."""
-    if Path(source).suffix == ".onnx":
-        meta = _onnx_meta(Path(source))
+    """(channels, stored image size) the model's training data had, from a run, checkpoint or exported file."""
+    if _exported(source):
+        meta = export_meta(Path(source))
         size = meta.get("native_size") or [meta["image_size"]] * 2
         return meta["in_chans"], tuple(size)
     spec = ModelSpec.from_dict(read_checkpoint(resolve_checkpoint(source)))
     return spec.in_chans, tuple(spec.native_size or (spec.image_size, spec.image_size))
 
 
-def _onnx_meta(path: Path) -> dict:
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise ValueError(f"{meta_path}: missing (the preprocessing written beside the exported model)")
-    return json.loads(meta_path.read_text())
+def _exported(source) -> Optional[str]:
+    """The export format of ``source`` (pt2, onnx, safetensors, aoti, torchscript), None for runs and checkpoints."""
+    return exported_format(source) if Path(source).is_file() else None
 
 
 def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: str = "cpu"
                   ) -> List[Tuple[str, List[Tuple[str, float]]]]:
-    """(path, [(class, probability), ...]) for each image, from a run directory, checkpoint or .onnx file."""
+    """(path, [(class, probability), ...]) for each image, from a run directory, a checkpoint or an exported
+    model (.pt2, .onnx, .safetensors, .aoti.pt2, TorchScript)."""
     source_path = Path(source)
-    if source_path.suffix == ".onnx":
+    fmt = _exported(source)
+    if fmt == "onnx":
         return _predict_onnx(source_path, images, top_k)
+    if fmt is not None:
+        return _predict_exported(source_path, images, top_k)
     path = resolve_checkpoint(source)
     state = read_checkpoint(path)
     spec = ModelSpec.from_dict(state)
@@ -184,14 +186,28 @@ def _top(images, probs: torch.Tensor, classes, top_k: int):
             for p, vs, idx in zip(images, values, indices)]
 
 
+def _exported_inputs(path: Path, images) -> Tuple[torch.Tensor, dict]:
+    meta = export_meta(path)
+    x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
+                    meta.get("native_size"), meta.get("resize", "squash"), meta.get("eval_crop", False))
+    return x, meta
+
+
+def _predict_exported(path: Path, images, top_k: int):
+    x, meta = _exported_inputs(path, images)
+    model = load_exported(path)
+    with torch.no_grad():
+        probs = model(x).float().softmax(1)
+    return _top(images, probs, meta["classes"], top_k)
+
+
 def _predict_onnx(path: Path, images, top_k: int):
     try:
         import onnxruntime as ort
     except ImportError:
         raise ValueError("predicting with an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
-    meta = _onnx_meta(path)
-    x = load_images(images, meta["in_chans"], meta["image_size"], meta["mean"], meta["std"],
-                    meta.get("native_size"), meta.get("resize", "squash"), meta.get("eval_crop", False)).numpy()
+    x, meta = _exported_inputs(path, images)
+    x = x.numpy()
     runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = runtime.run(None, {runtime.get_inputs()[0].name: x})[0]
     probs = torch.from_numpy(logits).softmax(1)

@@ -12,9 +12,11 @@ prediction, export, the report and comparisons read runs only through :func:`loa
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import math
 import os
@@ -30,16 +32,49 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, write_text_atomic
 
-__all__ = ["FORMAT_VERSION", "RunFormatError", "TrainConfig", "ModelSpec", "RunInfo", "EpochRecord", "RunSummary",
-           "Run", "load_run", "load_model", "build_model", "load_model_state", "resolve_checkpoint",
-           "read_checkpoint", "write_config", "write_metrics", "read_metrics", "write_summary", "run_name",
-           "software_versions", "peak_memory_mb", "METRIC_FIELDS", "check_version", "epochs_trained"]
+__all__ = ["FORMAT_VERSION", "UsageError", "ModerncnnWarning", "RunFileError", "RunFormatError", "AMP_CHOICES",
+           "normalize_amp", "TrainConfig", "ModelSpec", "RunInfo", "EpochRecord", "RunSummary", "Run", "load_run",
+           "load_model", "build_model", "load_model_state", "resolve_checkpoint", "read_checkpoint", "write_config",
+           "write_metrics", "read_metrics", "read_json_file", "read_safetensors", "write_summary", "run_name", "software_versions",
+           "peak_memory_mb", "METRIC_FIELDS", "check_version", "epochs_trained"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the data fingerprint and the amp values auto/bf16/fp16/off (2 is migrated on reading)
 
 
-class RunFormatError(ValueError):
+class UsageError(ValueError):
+    """A bad value or combination of options: the command line exits 2 for it (1 for failures at run time)."""
+
+
+class ModerncnnWarning(UserWarning):
+    """A warning of moderncnn's own; the command line prints it as ``moderncnn: warning: ...``."""
+
+
+class RunFileError(ValueError):
+    """A run file (config.json, metrics.csv, summary.json, compare.json) that cannot be read: the message names
+    the file and what is wrong with it."""
+
+
+class RunFormatError(RunFileError):
     """A run file of a format this version of moderncnn cannot read."""
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # what --amp takes
+_AMP_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp32": "off", "float32": "off",
+                "none": "off", "false": "off", "true": "auto"}
+
+
+def normalize_amp(value: Union[bool, str, None], source: str = "amp") -> str:
+    """One of :data:`AMP_CHOICES`. Run files of format 2 hold True, False or "auto": True asked for bfloat16
+    where the device has it natively (it refused to run elsewhere), which is what "auto" does there."""
+    if value is None or value is True:
+        return "auto"
+    if value is False:
+        return "off"
+    text = str(value).strip().lower()
+    text = _AMP_ALIASES.get(text, text)
+    if text not in AMP_CHOICES:
+        raise UsageError(f"{source} must be one of {', '.join(AMP_CHOICES)}, got {value!r}")
+    return text
 
 
 def _option(help: str, **cli) -> Any:
@@ -91,9 +126,13 @@ class TrainConfig:
     recipe: str = field(default="fast", metadata={"help": "a named recipe, or a JSON file of training options"})
     seed: int = field(default=0, metadata={"help": "fixes data order, augmentation and initialisation"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    amp: Union[bool, str] = field(default=False, metadata={
-        "help": "bfloat16 autocast: --amp where the device has bfloat16 in hardware (else an error), "
-                "--amp auto there and fp32 elsewhere, --no-amp fp32"})
+    amp: str = field(default="auto", metadata={
+        "help": "mixed precision: auto (bfloat16 where the device has it natively, float16 + GradScaler on GPUs "
+                "without it, else float32), bf16, fp16 (with a GradScaler, any device) or off; --amp alone is "
+                "auto, --no-amp off"})
+    fp32_precision: str = field(default="highest", metadata={
+        "help": "float32 matrix products: highest, high (TF32 on Ampere and later GPUs) or medium (bfloat16 "
+                "inside oneDNN and TF32 on GPUs)"})
     channels_last: Optional[bool] = _option("channels-last memory format")
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     out: str = field(default="runs", metadata={"help": "parent directory of run directories"})
@@ -130,6 +169,9 @@ class TrainConfig:
     eval_every: Optional[int] = _option("score validation and test sets after every N-th epoch and after the "
                                         "last (0: the last only)")
 
+    def __post_init__(self):
+        self.amp = normalize_amp(self.amp)
+
     def describe_optimizer(self) -> str:
         """``sgd lr 0.2 momentum 0.9``; under Muon both learning rates and which parameters take which."""
         sgd = f"sgd lr {self.lr:g} momentum {self.momentum:g}"
@@ -154,7 +196,7 @@ class TrainConfig:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"{source}: unknown field {key!r}{hint}")
+                raise UsageError(f"{source}: unknown field {key!r}{hint}")
         return cls(**data)
 
 
@@ -216,6 +258,7 @@ class RunInfo:
     precision: str = "float32"
     world_size: int = 1
     versions: Dict[str, str] = field(default_factory=dict)
+    data_fingerprint: Optional[Dict[str, Any]] = None  # {split: what identifies its data}; None before format 3
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> Dict[str, Any]:
@@ -227,13 +270,17 @@ class RunInfo:
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config.json") -> "RunInfo":
         version = check_version(data.get("format_version", 1), source)
-        config = TrainConfig.from_dict(_migrate_config(data["config"], version), source)
-        kept = {k: data[k] for k in _INFO_FIELDS if data.get(k) is not None}
-        return cls(config=config, spec=ModelSpec.from_dict(data), **kept)
+        with _naming(source):
+            if not isinstance(data.get("config"), dict):
+                raise RunFileError(f"{source}: no \"config\" object (the run's training options)")
+            config = TrainConfig.from_dict(_migrate_config(data["config"], version), source)
+            kept = {k: data[k] for k in _INFO_FIELDS if data.get(k) is not None}
+            return cls(config=config, spec=ModelSpec.from_dict(data), **kept)
 
 
 _INFO_FIELDS = ("params", "trainable_params", "flops_per_image", "train_images", "val_images", "test_images",
-                "validation", "data_storage", "skipped_files", "frozen", "precision", "world_size", "versions")
+                "validation", "data_storage", "skipped_files", "frozen", "precision", "world_size", "versions",
+                "data_fingerprint")
 
 
 def _migrate_config(config: Dict[str, Any], version: int) -> Dict[str, Any]:
@@ -243,21 +290,33 @@ def _migrate_config(config: Dict[str, Any], version: int) -> Dict[str, Any]:
     return config
 
 
+@contextlib.contextmanager
+def _naming(source):
+    """Any failure to make sense of ``source``'s contents becomes one :class:`RunFileError` naming it."""
+    try:
+        yield
+    except RunFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc).strip().splitlines()[0]
+        raise RunFileError(f"{source}: damaged ({what})") from None
+
+
 def check_version(found, source) -> int:
     """The file's format version, if this moderncnn reads it (the current one, or 1, which it migrates)."""
     try:
         found = int(found)
     except (TypeError, ValueError):
         found = -1
-    if found not in (1, FORMAT_VERSION):
+    if found not in (1, 2, FORMAT_VERSION):
         from . import __version__
         raise RunFormatError(f"{source}: format_version {found}, but moderncnn {__version__} reads format_version "
-                             f"{FORMAT_VERSION} (and migrates 1)")
+                             f"{FORMAT_VERSION} (and migrates 1 and 2)")
     return found
 
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
-                 "images_per_second", "tta", "train_size", "train_images", "format_version"]
+                 "images_per_second", "tta", "train_size", "train_images", "skipped_steps", "format_version"]
 
 
 @dataclass
@@ -274,6 +333,7 @@ class EpochRecord:
     train_images: int = 0
     train_size: int = 0  # the side trained at (below the full size under progressive resizing)
     tta: int = 0  # the test-time augmentation level of this epoch's test figures
+    skipped_steps: int = 0  # float16 steps the gradient scaler skipped (overflowing gradients)
     val_loss: Optional[float] = None
     val_acc: Optional[float] = None
     test_loss: Optional[float] = None
@@ -289,17 +349,29 @@ class EpochRecord:
         return {**row, "format_version": FORMAT_VERSION}
 
     @classmethod
-    def from_row(cls, row: Dict[str, Any]) -> "EpochRecord":
-        """From a metrics.csv row (strings) or a checkpoint's history entry; absent figures are None."""
+    def from_row(cls, row: Dict[str, Any], source: str = "metrics.csv") -> "EpochRecord":
+        """From a metrics.csv row (strings) or a checkpoint's history entry; absent figures are None. A row
+        cut short or holding text where a number belongs fails naming ``source``."""
+        if None in row or any(v is None for k, v in row.items() if k in _REQUIRED_METRICS):
+            raise RunFileError(f"{source}: damaged (a row with {'too many' if None in row else 'too few'} fields)")
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         values = {}
         for key, kind in kinds.items():
             value = row.get(key)
             if value in (None, ""):
                 continue
-            values[key] = int(float(value)) if kind in ("int", int) else float(value)
+            try:
+                values[key] = int(float(value)) if kind in ("int", int) else float(value)
+            except (TypeError, ValueError):
+                raise RunFileError(f"{source}: damaged ({key} is {value!r}, not a number)") from None
         values.setdefault("train_images", 0)
+        missing = [k for k in _REQUIRED_METRICS if k not in values]
+        if missing:
+            raise RunFileError(f"{source}: damaged (a row without {', '.join(missing)})")
         return cls(**values)
+
+
+_REQUIRED_METRICS = ("epoch", "train_loss", "train_acc", "lr", "seconds", "images_per_second")
 
 
 def epochs_trained(history: List[EpochRecord], train_images: int = 0, batch_size: int = 1) -> Tuple[float, int, int]:
@@ -333,6 +405,7 @@ class RunSummary:
     peak_memory_mb: float = float("nan")
     tta: int = 0
     precision: str = "float32"
+    skipped_steps: int = 0  # float16 steps the gradient scaler skipped, over the run
     weights: str = "last.pt"
     chosen_epoch: Optional[int] = None
     chosen_val_acc: Optional[float] = None
@@ -344,8 +417,14 @@ class RunSummary:
         data = dict(data, format_version=FORMAT_VERSION)
         if version == 1:  # its best_acc was chosen on the test set: not carried over
             data.pop("best_acc", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        with _naming(source):
+            missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in data]
+            if missing:
+                raise RunFileError(f"{source}: damaged (missing {', '.join(missing)})")
+            for name in ("final_acc", "train_seconds"):
+                float(data[name])
+            return cls(**{k: v for k, v in data.items() if k in fields})
 
 
 def write_config(run_dir: Path, info: RunInfo) -> None:
@@ -357,30 +436,40 @@ def write_summary(run_dir: Path, summary: RunSummary) -> None:
 
 
 def write_metrics(path: Path, history: List[EpochRecord]) -> None:
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(r.to_row() for r in history)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(r.to_row() for r in history)
+    write_text_atomic(path, text.getvalue())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise RunFileError(f"{path}: damaged (not UTF-8 text: byte {exc.start} is {bad:#04x})") from None
 
 
 def read_metrics(path: Path) -> List[EpochRecord]:
     """metrics.csv as records (a version-1 file, without validation columns, migrates)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+    except csv.Error as exc:
+        raise RunFileError(f"{path}: damaged ({exc})") from None
     for row in rows[:1]:
         check_version(row.get("format_version") or 1, path)
-    return [EpochRecord.from_row(row) for row in rows]
+    return [EpochRecord.from_row(row, str(path)) for row in rows]
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def read_json_file(path: Path) -> Dict[str, Any]:
+    """A run file's JSON object; anything else fails naming the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
-        raise RunFormatError(f"{path}: not valid JSON ({exc})") from None
+        raise RunFileError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise RunFormatError(f"{path}: expected a JSON object")
+        raise RunFileError(f"{path}: expected a JSON object")
     return data
 
 
@@ -421,24 +510,32 @@ def load_run(path: Union[str, Path]) -> Run:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RunFormatError(f"{path}: not a run directory (no config.json)")
-    raw = _read_json(path / "config.json")
+    raw = read_json_file(path / "config.json")
     info = RunInfo.from_dict(raw, str(path / "config.json"))
     info.format_version = int(raw.get("format_version", 1))
     history = read_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     summary = None
     if (path / "summary.json").is_file():
-        summary = RunSummary.from_dict(_read_json(path / "summary.json"), str(path / "summary.json"))
+        summary = RunSummary.from_dict(read_json_file(path / "summary.json"), str(path / "summary.json"))
     return Run(path, info, history, summary)
 
 
+def _run_format_version(run_dir: Path) -> int:
+    """config.json's format_version, read leniently: a damaged config.json does not stop evaluation, which
+    needs only the checkpoint."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("format_version", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return FORMAT_VERSION
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A run directory -> the checkpoint evaluation uses (:attr:`Run.weights_path`); a file -> itself."""
+    """A run directory -> the checkpoint evaluation uses (:attr:`Run.weights_path`: best.pt where validation
+    chose one, else last.pt; a version-1 run's best.pt was chosen on test data); a file -> itself."""
     path = Path(path)
     if path.is_dir():
-        if (path / "config.json").is_file():
-            weights = load_run(path).weights_path
-        else:
-            weights = path / ("best.pt" if (path / "best.pt").is_file() else "last.pt")
+        best = path / "best.pt"
+        weights = best if best.is_file() and _run_format_version(path) >= 2 else path / "last.pt"
         if not weights.is_file():
             raise CheckpointError(f"{path}: no checkpoint ({weights.name}) in this run directory")
         return weights
@@ -501,9 +598,49 @@ def build_model(state: Dict[str, Any], source: str = "checkpoint") -> nn.Module:
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
     """A trained model from a run directory (best.pt where validation chose one, else the final weights
-    in last.pt) or a checkpoint file, in eval mode, carrying ``.classes`` and ``.preprocessing``."""
+    in last.pt), a checkpoint file or a safetensors export, in eval mode, carrying ``.classes`` and
+    ``.preprocessing``."""
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(Path(path)).to(device)
     ckpt = resolve_checkpoint(path)
     return build_model(read_checkpoint(ckpt), str(ckpt)).to(device)
+
+
+def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(the state dict, the metadata) of a safetensors file; reading one runs no code, by its format."""
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UsageError(f"{path}: reading safetensors needs the safetensors package: pip install "
+                         f"'moderncnn[export]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        weights = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    return weights, meta
+
+
+def _load_safetensors(path: Path) -> nn.Module:
+    """A model from moderncnn's safetensors export: built from the model spec in its metadata, weights loaded
+    strictly."""
+    weights, meta = read_safetensors(path)
+    if "model_name" not in meta:
+        raise CheckpointError(f"{path}: no moderncnn model spec in its metadata (a plain state dict: load it with "
+                              f"create_model(NAME, pretrained={str(path)!r}))")
+    spec = {**meta, "normalization": {"mean": meta.get("mean"), "std": meta.get("std")}}
+    return build_model({**spec, "model": weights}, str(path))
 
 
 def run_name(model: str, dataset: str) -> str:

@@ -7,13 +7,14 @@ the file and what is wrong, rather than loading half a dataset.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import mmap
 import os
 import pickle
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ class ImageDataset:
     storage: str = "memory"
     skipped: List[str] = field(default_factory=list)
     mapped: Optional[np.ndarray] = field(default=None, repr=False)  # the np.memmap behind a "disk" split
+    files_signature: str = ""  # an image folder's hash of its files' paths, sizes and times (its cache key)
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -99,6 +101,18 @@ class ImageDataset:
         """The samples at ``index`` (in that order), as split ``split`` (default: this one's)."""
         return ImageDataset(self.images[index], self.labels[index], self.classes, self.name, split or self.split,
                             self.source, skipped=list(self.skipped))
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What identifies this split's data, for a resume to check it is unchanged: an image folder's file count
+        and the hash of its files' paths, sizes and modification times; elsewhere the image count and a
+        SHA-256 of the decoded images and labels."""
+        if self.files_signature:
+            return {"source": self.source, "images": len(self), "files_sha256": self.files_signature}
+        digest = hashlib.sha256()
+        for start in range(0, len(self), 8192):
+            digest.update(self.images[start:start + 8192].contiguous().numpy().tobytes())
+        digest.update(self.labels.numpy().astype(np.int64).tobytes())
+        return {"source": self.source, "images": len(self), "sha256": digest.hexdigest()}
 
     def release_pages(self) -> None:
         """A memory-mapped split: drop this process's resident pages of the map (the page cache keeps them),

@@ -13,6 +13,7 @@ with ``strict=True``, the first one is an error.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -172,12 +173,51 @@ def _compact(target: Path, keep: np.ndarray) -> None:
     os.replace(target / "compact.npy", target / "images.npy")
 
 
+def _reserve(path: Path) -> None:
+    """Allocate every block of ``path`` (a sparse file) on the disk, or fail naming the space it needs."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: the map fills it
+                return
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DatasetError(f"no space left on {path.parent.parent} for the decoded image cache (needs "
+                           f"{size / 2 ** 20:,.0f} MB, {free / 2 ** 20:,.0f} MB free); free some space or pass "
+                           f"--cache-dir elsewhere") from None
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_builds(parent: Path) -> None:
+    """The .building-<pid>-* directories of decodes whose process died (killed mid-build)."""
+    try:
+        entries = list(parent.glob(".building-*"))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.split("-")[1] if entry.name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 def _decode_all(samples, channels: int, size, resize: str, workers: int, strict: bool, target: Path) -> List[str]:
     """Decode every file into ``target``/images.npy and labels.npy with ``workers`` processes; returns the
     skipped files' reasons (``strict``: the first bad file is an error instead)."""
     npy = target / "images.npy"
-    # The file is made at its full size here; the workers fill its rows.
+    # The file is made at its full size here and its blocks reserved, so that a full disk is an error now
+    # rather than a SIGBUS when a worker writes into a hole of the map; the workers fill its rows.
     np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(samples), channels, *size)).flush()
+    _reserve(npy)
     paths = [str(p) for p, _ in samples]
     tasks = [(paths[i:i + _CHUNK], i, channels, size, resize, str(npy)) for i in range(0, len(paths), _CHUNK)]
     keep, skipped = np.ones(len(samples), dtype=bool), []
@@ -216,7 +256,7 @@ def _ram_bytes() -> int:
         return 8 << 30
 
 
-def _open(entry: Path, cache: str, split_name: str, source: str) -> ImageDataset:
+def _open(entry: Path, cache: str, split_name: str, source: str, signature: str = "") -> ImageDataset:
     """The cached split in memory, or memory-mapped from the .npy file (``cache="auto"``: memory when it takes
     under a quarter of the RAM)."""
     meta = json.loads((entry / "meta.json").read_text())
@@ -230,7 +270,8 @@ def _open(entry: Path, cache: str, split_name: str, source: str) -> ImageDataset
             tensor = torch.from_numpy(images)
     labels = torch.from_numpy(np.load(entry / "labels.npy"))
     return ImageDataset(tensor, labels, list(meta["classes"]), "imagefolder", split_name, source, storage=storage,
-                        skipped=list(meta["skipped"]), mapped=images if storage == "disk" else None)
+                        skipped=list(meta["skipped"]), mapped=images if storage == "disk" else None,
+                        files_signature=signature)
 
 
 def _check_classes(directory: Path, classes: List[str], samples, labels: torch.Tensor) -> None:
@@ -253,7 +294,8 @@ def _build(entry: Path, samples, classes, channels, size, resize, workers, stric
     """Decode into a fresh directory beside ``entry`` and rename it into place (readers see a whole cache or
     none); without ``use_cache`` the directory is a temporary one the caller removes."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".building-"))
+    _remove_dead_builds(entry.parent)
+    building = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".building-{os.getpid()}-"))
     try:
         skipped = _decode_all(samples, channels, size, resize, workers, strict, building)
         (building / "meta.json").write_text(json.dumps({
@@ -294,7 +336,7 @@ def read_image_folder(directory: Path, image_size=None, channels: Optional[int] 
     entry = Path(cache_root or cache_dir()) / "imagefolder" / key
     if use_cache and (entry / "meta.json").is_file():
         try:
-            dataset = _open(entry, cache, split_name, str(directory))
+            dataset = _open(entry, cache, split_name, str(directory), key)
         except (OSError, ValueError, KeyError):  # a damaged cache is rebuilt, never trusted
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -305,7 +347,7 @@ def read_image_folder(directory: Path, image_size=None, channels: Optional[int] 
             return dataset
     built = _build(entry, samples, classes, channels, size, resize, workers or os.cpu_count() or 1, strict,
                    use_cache)
-    dataset = _open(built, cache if use_cache else "memory", split_name, str(directory))
+    dataset = _open(built, cache if use_cache else "memory", split_name, str(directory), key)
     if not use_cache:
         shutil.rmtree(built, ignore_errors=True)
     _check_classes(directory, classes, samples, dataset.labels)

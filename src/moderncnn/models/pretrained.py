@@ -78,6 +78,14 @@ def _load_local(path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PretrainedError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        except ImportError:
+            raise PretrainedError(f"{path}: reading safetensors needs the safetensors package") from None
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise PretrainedError(f"{path}: cannot be read as safetensors ({str(exc).splitlines()[0]})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused, truncated zip, ...

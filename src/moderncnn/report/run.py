@@ -8,7 +8,8 @@ from typing import List, Optional
 import torch
 
 from ..data.loader import Augment
-from ..runs import EpochRecord, Run, epochs_trained, load_run
+from ..checkpoint import write_text_atomic
+from ..runs import EpochRecord, Run, RunFileError, epochs_trained, load_run
 from .plots import plot_confusion, plot_curves, plot_predictions, plot_top_losses, scored
 from .summary import human
 
@@ -97,14 +98,21 @@ def _settings_rows(run: Run, classes: List[str]) -> List[str]:
         f"{', EMA ' + str(cfg.ema) if cfg.ema else ''}{_progressive_words(cfg, spec.image_size)}"
         f"{_budget_words(cfg, len(run.history))}{_tta_words(cfg.tta)}{', init ' + cfg.init if cfg.init else ''} |",
         f"| seed | {cfg.seed} |",
+        f"| precision | {info.precision}{_skipped_words(run.history)}"
+        f"{'' if cfg.fp32_precision == 'highest' else f'; float32 matrix products: {cfg.fp32_precision}'} |",
         f"| throughput | {sum(r.images_per_second for r in run.history) / len(run.history):.0f} training images/s "
-        f"(mean over epochs), {info.precision} |",
+        f"(mean over epochs) |",
         f"| software | Python {info.versions.get('python')}, torch {info.versions.get('torch')}, "
         f"moderncnn {info.versions.get('moderncnn')} |",
     ]
     if info.frozen:
         rows.append(f"| trained parameters | {info.frozen} |")
     return rows
+
+
+def _skipped_words(history) -> str:
+    skipped = sum(r.skipped_steps for r in history)
+    return f"; the gradient scaler skipped {skipped} steps whose gradients overflowed" if skipped else ""
 
 
 def _curve_notes(run: Run) -> List[str]:
@@ -153,7 +161,7 @@ def write_run_report(run_dir: Path) -> Path:
     chosen = _chosen(run)
     plot_curves(run.history, run.path / "curves.png", f"{cfg.model} on {cfg.dataset}",
                 label_smoothing=cfg.label_smoothing or 0.0, chosen_epoch=chosen.epoch if chosen else None)
-    preds = torch.load(run.path / "predictions.pt", weights_only=True)
+    preds = _read_predictions(run.path / "predictions.pt")
     classes = list(preds["classes"])
     plot_predictions(preds["sample_images"], preds["labels"][preds["sample_index"]],
                      preds["predictions"][preds["sample_index"]], classes, run.path / "predictions.png")
@@ -168,8 +176,19 @@ def write_run_report(run_dir: Path) -> Path:
     if worst:
         lines += ["", "## Worst-classified test images", "", "![top losses](top_losses.png)"]
     lines += ["", _checkpoint_note(run), ""]
-    (run.path / "report.md").write_text("\n".join(lines))
-    return run.path / "report.md"
+    return write_text_atomic(run.path / "report.md", "\n".join(lines))
+
+
+def _read_predictions(path: Path) -> dict:
+    """predictions.pt, the final model's test predictions that ReportWriter saves at the run's end."""
+    if not path.is_file():
+        raise RunFileError(f"{path}: missing: the run has not finished; `moderncnn train --resume {path.parent}` "
+                           f"completes it")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, unpickling refused, ...
+        raise RunFileError(f"{path}: damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})") \
+            from None
 
 
 def _plot_worst(preds, classes: List[str], path: Path) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, List
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint, save_tensors_atomic
 from ..report.run import write_run_report
 from ..runs import EpochRecord, RunSummary, peak_memory_mb, write_config, write_metrics, write_summary
 from .loop import NonFiniteLossError, StepOutput, evaluate
@@ -82,20 +82,34 @@ class CallbackList(Callback):
             c.on_interrupt(run, state, signum)
 
 
+# Under float16 a step with a non-finite loss is skipped by the gradient scaler, which halves its scale; after
+# 16 halvings in a row the scale has backed off from 2**16 to 1, and a loss still not finite is not the scale's.
+SCALER_BACKOFF_STEPS = 16
+
+
 class NonFiniteGuard(Callback):
     """Stops the run at the first NaN or infinite loss, before anything saves the weights it produced.
-    On CUDA the check of a step's loss waits for the next step (reading a loss waits for the GPU; one
-    step of work stays in flight); evaluations check the outputs too (see ``evaluate``)."""
+    ``tolerate`` non-finite losses in a row are let pass (float16: the scaler skips those steps and leaves the
+    weights alone). On CUDA the check of a step's loss waits for the next step (reading a loss waits for the
+    GPU; one step of work stays in flight); evaluations check the outputs too (see ``evaluate``)."""
 
-    def __init__(self, defer: bool = False):
+    def __init__(self, defer: bool = False, tolerate: int = 0):
         self.defer, self._unchecked = defer, None
+        self.tolerate, self._in_a_row = tolerate, 0
 
     def _check(self, run, step: StepOutput) -> None:
-        if not torch.isfinite(step.loss):
+        if torch.isfinite(step.loss):
+            self._in_a_row = 0
+            return
+        self._in_a_row += 1
+        if self._in_a_row > self.tolerate:
             raise NonFiniteLossError(
                 f"loss is {step.loss.item()} at epoch {step.epoch + 1}, step {step.step + 1} (global step "
-                f"{step.global_step + 1}); stopped. The learning rate ({step.lr:.4g}) is probably too high. "
-                f"The last good checkpoint is kept in {run.run_dir}.")
+                f"{step.global_step + 1}){self._backed_off()}; stopped. The learning rate ({step.lr:.4g}) is "
+                f"probably too high. The last good checkpoint is kept in {run.run_dir}.")
+
+    def _backed_off(self) -> str:
+        return f", {self._in_a_row} steps in a row after the float16 scale backed off" if self.tolerate else ""
 
     def on_step_end(self, run, state, step):
         if not self.defer:
@@ -191,7 +205,9 @@ class ConsoleLog(Callback):
               f"{record.train_acc:.4f}  {scores}  lr {record.lr:.4g}  {record.seconds:.1f}s  "
               f"{record.images_per_second:.0f} img/s"
               f"{f'  (trained at {record.train_size}x{record.train_size})' if record.train_size != full else ''}"
-              f"{f'  ({fraction:.0%} of the training set)' if fraction < 0.999 else ''}", flush=True)
+              f"{f'  ({fraction:.0%} of the training set)' if fraction < 0.999 else ''}"
+              f"{f'  ({record.skipped_steps} steps skipped by the fp16 scaler)' if record.skipped_steps else ''}",
+              flush=True)
         if state.done and run.cfg.budget:
             done = f"{record.epoch - 1 + fraction:.2f}" if fraction < 0.999 else f"{record.epoch}"
             print(f"time budget of {run.cfg.budget:.0f}s: {state.train_seconds:.0f}s used by {done} "
@@ -214,19 +230,31 @@ class MetricsLogger(Callback):
     def on_epoch_end(self, run, state, record):
         write_metrics(run.run_dir / "metrics.csv", state.history)
 
+    def on_train_end(self, run, state):
+        write_metrics(run.run_dir / "metrics.csv", state.history)  # a run finished from last.pt repairs it too
+
 
 class CheckpointSaver(Callback):
     """last.pt after every epoch and on Ctrl-C/SIGTERM; best.pt whenever validation accuracy improves
     (runs without a validation set have none: their final weights are the model)."""
 
     def on_epoch_end(self, run, state, record):
-        save_checkpoint(state.to_checkpoint(run.spec, run.cfg, run.device), run.run_dir / "last.pt")
+        # best.pt first: last.pt names the best epoch only once best.pt holds it, so a crash between the two
+        # leaves last.pt at the epoch before, which a resume trains again and saves in the same order.
         if state.best_epoch == record.epoch:
-            save_checkpoint(state.to_checkpoint(run.spec, run.cfg, run.device, training=False),
-                            run.run_dir / "best.pt")
+            save_checkpoint(state.to_checkpoint(run.spec, run.cfg, run.device, training=False,
+                                                data_fingerprint=run.info.data_fingerprint), run.run_dir / "best.pt")
+        self._save_last(run, state)
 
     def on_interrupt(self, run, state, signum):
-        save_checkpoint(state.to_checkpoint(run.spec, run.cfg, run.device), run.run_dir / "last.pt")
+        self._save_last(run, state)
+
+    @staticmethod
+    def _save_last(run, state):
+        save_checkpoint(state.to_checkpoint(run.spec, run.cfg, run.device, data_fingerprint=run.info.data_fingerprint),
+                        run.run_dir / "last.pt")
+        run.saved = (f"epoch {state.epoch + 1}, step {state.step}" if state.step
+                     else f"the end of epoch {state.epoch}")
 
 
 class ReportWriter(Callback):
@@ -249,11 +277,11 @@ class ReportWriter(Callback):
         sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:32].sort().values
         true_prob = probs.gather(1, test.labels.view(-1, 1)).flatten()
         worst = torch.argsort(true_prob)[:16]  # the highest losses: -log p(true class)
-        torch.save({"labels": test.labels, "predictions": preds, "confidence": probs.max(1).values,
+        save_tensors_atomic({"labels": test.labels, "predictions": preds, "confidence": probs.max(1).values,
                     "true_prob": true_prob, "classes": list(test.classes),
                     "sample_images": test.images[sample].clone(), "sample_index": sample,
-                    "worst_images": test.images[worst].clone(), "worst_index": worst, "test_acc": acc},
-                   run.run_dir / "predictions.pt")
+                             "worst_images": test.images[worst].clone(), "worst_index": worst, "test_acc": acc},
+                            run.run_dir / "predictions.pt")
         write_summary(run.run_dir, _summary(run, state))
         write_run_report(run.run_dir)
 
@@ -266,14 +294,16 @@ def _summary(run: "TrainSetup", state: TrainState) -> RunSummary:
                       flops_per_image=run.info.flops_per_image,
                       images_per_second=sum(r.images_per_second for r in history) / len(history),
                       peak_memory_mb=peak_memory_mb(run.device), tta=int(cfg.tta or 0),
-                      precision=run.info.precision, weights="best.pt" if state.best_epoch else "last.pt",
+                      precision=run.info.precision, skipped_steps=sum(r.skipped_steps for r in history),
+                      weights="best.pt" if state.best_epoch else "last.pt",
                       chosen_epoch=state.best_epoch, chosen_val_acc=state.best_val_acc)
 
 
 def default_callbacks(run: "TrainSetup") -> List[Callback]:
     """The built-in callbacks of a run, in the order they are called."""
     from .notebook import in_notebook
-    callbacks: List[Callback] = [NonFiniteGuard(defer=run.device.type == "cuda")]
+    tolerate = SCALER_BACKOFF_STEPS if run.backward.scaler is not None else 0
+    callbacks: List[Callback] = [NonFiniteGuard(defer=run.device.type == "cuda", tolerate=tolerate)]
     if not run.is_main:
         return callbacks
     cfg, notebook = run.cfg, in_notebook()

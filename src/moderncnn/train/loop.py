@@ -162,19 +162,15 @@ def train_one_epoch(run: "TrainSetup", state: TrainState, callbacks: "CallbackLi
         if side != full:  # progressive resizing: the augmented batch, shrunk
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         lr = run.optimizer.param_groups[0]["lr"]
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with run.precision.autocast(run.device.type):
             logits, loss = run.model.loss(run.net(x), y, run.criterion)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
+        skipped = run.backward.step(loss, run.optimizer, run.model.parameters(), cfg.grad_clip)
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         state.step, last_step = step + 1, step
         plan.after_step(epoch, step, first_step, spent_before)
-        totals.add(loss, logits, y)
+        totals.add(loss, logits, y, skipped)
         seconds = totals.seconds + time.perf_counter() - start
         callbacks.on_step_end(run, state, StepOutput(epoch, step, epoch * steps_per_epoch + step, loss, logits, y,
                                                      lr, totals, seconds))
@@ -225,6 +221,7 @@ def evaluate_epoch(run: "TrainSetup", state: TrainState, trained: EpochTrained) 
                          train_acc=totals.correct.item() / seen, lr=run.optimizer.param_groups[0]["lr"],
                          seconds=trained.seconds + time.perf_counter() - eval_start,
                          images_per_second=seen / max(trained.seconds, 1e-9), train_images=seen,
-                         train_size=trained.side, tta=tta, val_loss=val[0] if val else None,
+                         train_size=trained.side, tta=tta, skipped_steps=int(totals.skipped.item()),
+                         val_loss=val[0] if val else None,
                          val_acc=val[1] if val else None, test_loss=test[0], test_acc=test[1])
     return record, last

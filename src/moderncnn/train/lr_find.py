@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from matplotlib.figure import Figure
 
-from ..runs import TrainConfig
+from ..runs import TrainConfig, UsageError
 from .config import resolve_config
 from .distributed import cleanup_distributed
 from .setup import TrainSetup, build_setup
@@ -47,11 +47,9 @@ def _sweep(run: TrainSetup, steps: int, start_lr: float, end_lr: float, beta: fl
             lr = start_lr * (end_lr / start_lr) ** (step / max(1, steps - 1))
             for group, peak in zip(run.optimizer.param_groups, base):
                 group["lr"] = peak * lr / run.cfg.lr
-            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            with run.precision.autocast(run.device.type):
                 _, loss = run.model.loss(run.net(x), y, run.criterion)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
+            run.backward.step(loss, run.optimizer, run.model.parameters(), run.cfg.grad_clip)
             value = loss.item()
             average = beta * average + (1 - beta) * value
             smoothed = average / (1 - beta ** (step + 1))
@@ -111,15 +109,16 @@ def lr_find(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: O
         TrainConfig.from_dict(overrides, "lr_find()")  # names an unknown field and the closest valid one
         config = dataclasses.replace(config, **overrides)
     if config.budget or config.resume:
-        raise ValueError("lr-find sweeps a fixed number of steps from the initial weights: it takes neither "
+        raise UsageError("lr-find sweeps a fixed number of steps from the initial weights: it takes neither "
                          "--budget nor --resume")
     if not 0 < start_lr < end_lr or steps < 5:
-        raise ValueError(f"lr-find needs 0 < --start-lr < --end-lr and at least 5 steps, got {start_lr:g}, "
+        raise UsageError(f"lr-find needs 0 < --start-lr < --end-lr and at least 5 steps, got {start_lr:g}, "
                          f"{end_lr:g}, {steps}")
     explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
     cfg = resolve_config(config, explicit)
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=f"{time.strftime('%Y%m%d-%H%M%S')}-lr-find-{cfg.model}-{cfg.dataset}")
+    run = None
     try:
         run = build_setup(cfg)
         result = _sweep(run, steps, start_lr, end_lr)
@@ -128,4 +127,6 @@ def lr_find(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: O
             _write(result, cfg)
         return result
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         cleanup_distributed()

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import shlex
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,43 +19,17 @@ from ..data.datasets import normalization_stats
 from ..models import create_model
 from ..models.pretrained import freeze_backbone
 from ..report.summary import count_parameters, summary
-from ..runs import ModelSpec, RunInfo, TrainConfig, run_name, software_versions
+from ..runlock import LOCK_NAME, RunLock, lock_run_dir
+from ..runs import ModelSpec, ModerncnnWarning, RunInfo, TrainConfig, UsageError, run_name, software_versions
 from .budget import TrainingPlan
-from .config import RECIPES, rrc_scale
+from .config import rrc_scale
 from .distributed import DistInfo, broadcast_object, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .malloc import MMAP_THRESHOLD, pin_mmap_threshold
 from .optim import build_optimizer, ema_warmup_fn
+from .precision import Precision, ScaledBackward, apply_fp32_precision, make_grad_scaler, resolve_precision
 
-__all__ = ["TrainSetup", "build_setup", "pick_device", "autocast_dtype", "cpu_has_native_bf16", "precision_name"]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX). Elsewhere oneDNN emulates it,
-    slower than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, since torch 2.3
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast_dtype(amp: Union[bool, str], device: torch.device, source: str = "--amp") -> Optional[torch.dtype]:
-    """The autocast dtype of a run: bfloat16 or None (fp32).
-
-    ``amp`` True asks for bfloat16 (an error where the device has no native bfloat16), "auto" takes it
-    where the device has it (CUDA; CPUs with AVX512-BF16 or AMX) and runs fp32 elsewhere, False is fp32."""
-    if not amp:
-        return None
-    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-              else device.type == "cpu" and cpu_has_native_bf16())
-    if native:
-        return torch.bfloat16
-    if amp == "auto":
-        return None
-    raise ValueError(f"{source} needs bfloat16 in hardware: a CUDA device, or a CPU with AVX512-BF16 or AMX "
-                     f"(this {device.type} has neither, so fp32 is its fast path; pass --no-amp or --amp auto)")
-
-
-def precision_name(amp_dtype: Optional[torch.dtype]) -> str:
-    return "float32" if amp_dtype is None else "bfloat16 autocast"
+__all__ = ["TrainSetup", "build_setup", "pick_device"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,9 +37,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if name == "mps" and not mps:
-        raise ValueError("--device mps: MPS is not available here")
+        raise UsageError("--device mps: MPS is not available here")
     return torch.device(name)
 
 
@@ -74,7 +51,7 @@ class TrainSetup:
     cfg: TrainConfig
     device: torch.device
     dist: DistInfo
-    amp_dtype: Optional[torch.dtype]
+    precision: Precision
     train_set: ImageDataset
     val_set: Optional[ImageDataset]
     test_set: ImageDataset
@@ -91,6 +68,14 @@ class TrainSetup:
     test_loader: Loader
     run_dir: Path = field(default_factory=Path)
     allocator: str = ""  # what was changed in the process's allocator, for the start line
+    backward: ScaledBackward = field(default_factory=ScaledBackward)  # the step's backward, scaled under fp16
+    lock: Optional[RunLock] = None  # the run directory's writer lock (rank 0 of a new run)
+    saved: str = ""  # where last.pt stands ("epoch 2, step 40"), for the line of a second Ctrl-C
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype (None: float32)."""
+        return self.precision.dtype
 
     @property
     def spec(self) -> ModelSpec:
@@ -116,8 +101,10 @@ def _stored_size(cfg: TrainConfig) -> Optional[int]:
     return cfg.image_size
 
 
-def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Optional[ImageDataset], ImageDataset, str]:
-    """(train, validation or None, test, where the validation set came from)."""
+def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Optional[ImageDataset], ImageDataset, str,
+                                                            dict]:
+    """(train, validation or None, test, where the validation set came from, the training data's
+    fingerprint)."""
     if cfg.download and info.enabled:
         # Rank 0 downloads (once); the others wait for it, then read the files it wrote.
         if info.is_main:
@@ -139,6 +126,9 @@ def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Option
         val_folder = None
     if folder and info.enabled and info.is_main:
         torch.distributed.barrier()
+    fingerprint = {"train": train_set.fingerprint()}
+    if val_folder is not None:
+        fingerprint["val"] = val_folder.fingerprint()
     if cfg.subset:
         train_set, test_set = train_set.subset(cfg.subset, seed=cfg.seed), test_set.subset(cfg.subset, seed=cfg.seed)
     val_set, validation = None, ""
@@ -148,7 +138,27 @@ def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Option
     elif val_folder is not None:
         val_set = val_folder
         validation = f"the val/ folder ({len(val_set):,} images)"
-    return train_set, val_set, test_set, validation
+    return train_set, val_set, test_set, validation, fingerprint
+
+
+def _check_fingerprint(cfg: TrainConfig, saved: Optional[dict], now: dict) -> None:
+    """A resumed run trains on the data it started with, or is refused naming what changed."""
+    if saved is None:
+        warnings.warn(f"{cfg.resume}: this run was saved before moderncnn recorded a fingerprint of its data, so "
+                      f"whether its training data changed cannot be checked", ModerncnnWarning, stacklevel=3)
+        return
+    changes = []
+    for split in sorted(set(saved) | set(now)):
+        old, new = saved.get(split) or {}, now.get(split) or {}
+        if old.get("images") != new.get("images"):
+            changes.append(f"{new.get('source') or old.get('source')}: {old.get('images')} -> "
+                           f"{new.get('images')} images")
+        elif {k: v for k, v in old.items() if k != "source"} != {k: v for k, v in new.items() if k != "source"}:
+            changes.append(f"{new.get('source') or old.get('source')}: the same {new.get('images'):,} images, but "
+                           f"files or contents changed")
+    if changes:
+        raise UsageError(f"--resume {cfg.resume}: the training data changed since the run started "
+                         f"({'; '.join(changes)}); start a new run on it")
 
 
 def _build_model(cfg: TrainConfig, train_set: ImageDataset, image_size: int) -> Tuple[nn.Module, dict, str, float]:
@@ -183,7 +193,7 @@ def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, info: DistI
         model.to(memory_format=torch.channels_last)
     if info.enabled and cfg.sync_bn:
         if device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
+            raise UsageError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net: nn.Module = model
     if info.enabled:
@@ -194,7 +204,7 @@ def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, info: DistI
 def _loaders(cfg, sets, image_size, mean, std, device, info) -> Tuple[Loader, Optional[Loader], Loader]:
     train_set, val_set, test_set = sets
     if cfg.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                          f"{info.world_size} processes")
     per_rank = cfg.batch_size // info.world_size
     augment = Augment.parse(cfg.augment)
@@ -213,7 +223,7 @@ def _first_conv_bias_steps(model: nn.Module, cfg: TrainConfig, steps_per_epoch: 
         return {}
     bias = model.get_submodule(model.first_conv).bias
     if bias is None or not bias.requires_grad:
-        raise ValueError(f"--first-conv-bias-epochs: {cfg.model}'s first convolution ({model.first_conv}) has no "
+        raise UsageError(f"--first-conv-bias-epochs: {cfg.model}'s first convolution ({model.first_conv}) has no "
                          f"trainable bias")
     return {bias: max(1, int(round(cfg.first_conv_bias_epochs * steps_per_epoch)))}
 
@@ -226,31 +236,85 @@ def _tune_allocator(cfg: TrainConfig, device: torch.device) -> str:
     return f"glibc mmap threshold pinned at {MMAP_THRESHOLD // 1024} KiB" if pin_mmap_threshold() else ""
 
 
-def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+def _new_run_dir(cfg: TrainConfig, info: DistInfo) -> Tuple[Path, Optional[RunLock]]:
+    """The new run's directory and its writer lock (rank 0 holds it), taken before anything is written."""
     run_dir = Path(broadcast_object(str(Path(cfg.out) / (cfg.name or run_name(cfg.model, cfg.dataset))), info))
-    if info.is_main:
-        if (run_dir / "last.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if not info.is_main:
+        return run_dir, None
+    existed = run_dir.exists()
+    lock = lock_run_dir(run_dir)
+    if (run_dir / "last.pt").exists():
+        lock.release()
+        raise UsageError(f"{run_dir} already holds a run; use --resume {run_dir} or another --name")
+    lock.created = not existed
+    return run_dir, lock
 
 
-def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
-    """Turn a resolved config into a :class:`TrainSetup` (a resumed run then loads its state into it)."""
+def _check_model_arguments(cfg: TrainConfig) -> None:
+    """Unknown ``--model-arg`` keys fail before any data loads, naming the valid ones."""
+    if not cfg.model_kwargs:
+        return
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        try:
+            create_model(cfg.model, **cfg.model_kwargs)
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                raise
+            valid = sorted(set(inspect.signature(type(create_model(cfg.model)).__init__).parameters)
+                           - {"self", "args", "kwargs", "num_classes", "in_chans"})
+            raise UsageError(f"--model-arg: {cfg.model} does not take "
+                             f"{', '.join(sorted(cfg.model_kwargs))} as given ({exc}); its arguments are "
+                             f"{', '.join(valid)}") from None
+
+
+def build_setup(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainSetup:
+    """Turn a resolved config into a :class:`TrainSetup`: a new run's directory is created and locked first; a
+    resumed run (``cfg.resume``, locked by the trainer, its last.pt read into ``checkpoint``) must match the
+    precision and the training data it was saved with, and then loads its state into the setup."""
+    saved_precision = (checkpoint or {}).get("precision")
+    _check_model_arguments(cfg)
     device = pick_device(cfg.device)
     dist = setup_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(cfg.seed)
-    amp_dtype = autocast_dtype(cfg.amp, device, source=f"recipe {cfg.recipe!r} uses --amp, which"
-                               if RECIPES.get(cfg.recipe, {}).get("amp") is True else "--amp")
+    precision = resolve_precision(cfg.amp, device)
+    if saved_precision and saved_precision != precision.kind and cfg.amp == "auto":
+        # auto decided when the run started; a resume elsewhere keeps that decision, so it continues exactly
+        kept = resolve_precision(saved_precision, device)
+        precision = dataclasses.replace(kept, reason=f"{kept.reason}; kept from the run's start (--amp auto)",
+                                        requested="auto")
+    if saved_precision and saved_precision != precision.kind:
+        raise UsageError(f"{cfg.resume}: its checkpoint was trained under --amp {saved_precision}, and this run "
+                         f"would train under --amp {precision.kind} ({precision.description}); resume it with "
+                         f"--amp {saved_precision}, or start a new run")
+    apply_fp32_precision(cfg.fp32_precision)
+    if cfg.resume:
+        run_dir, lock = Path(cfg.resume), None  # the trainer holds the resumed run's lock
+    else:
+        run_dir, lock = _new_run_dir(cfg, dist)
+    try:
+        return _build(cfg, device, dist, precision, run_dir, lock, (checkpoint or {}).get("data_fingerprint"))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            if getattr(lock, "created", False) and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a run that failed to start leaves nothing
+        raise
+
+
+def _build(cfg: TrainConfig, device: torch.device, dist: DistInfo, precision: Precision, run_dir: Path,
+           lock: Optional[RunLock], saved_fingerprint: Optional[dict]) -> TrainSetup:
+    resuming = bool(cfg.resume)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
     if cfg.pretrained is True and not cfg.image_size:
         from ..models.pretrained import has_pretrained, preprocessing
         if has_pretrained(cfg.model):  # the resolution the ImageNet weights were trained at
             cfg = dataclasses.replace(cfg, image_size=preprocessing(cfg.model)["crop"])
-    train_set, val_set, test_set, validation = _load_splits(cfg, dist)
+    train_set, val_set, test_set, validation, fingerprint = _load_splits(cfg, dist)
+    if resuming and dist.is_main:
+        _check_fingerprint(cfg, saved_fingerprint, fingerprint)
     image_size = cfg.image_size or train_set.images.shape[-1]
     channels = train_set.images.shape[1]
     # The statistics read the whole split; a memory-mapped one's pages are released as they go.
@@ -268,8 +332,8 @@ def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
     info = RunInfo(cfg, spec, count_parameters(model), count_parameters(model, trainable_only=True),
                    summary(model, (1, channels, image_size, image_size)).total_flops, len(train_set),
                    len(val_set) if val_set is not None else 0, len(test_set), validation, train_set.storage,
-                   sum(len(s.skipped) for s in splits), frozen, precision_name(amp_dtype), dist.world_size,
-                   software_versions(device))
+                   sum(len(s.skipped) for s in splits), frozen, precision.description, dist.world_size,
+                   software_versions(device), data_fingerprint=fingerprint)
     model, net = _place(model, cfg, device, dist)
     train_loader, val_loader, test_loader = _loaders(cfg, (train_set, val_set, test_set), image_size, mean, std,
                                                      device, dist)
@@ -285,7 +349,6 @@ def build_setup(cfg: TrainConfig, resuming: bool = False) -> TrainSetup:
         from torch.optim.swa_utils import AveragedModel
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(cfg.ema), use_buffers=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    run_dir = Path(cfg.resume) if resuming else _new_run_dir(cfg, dist)
-    return TrainSetup(cfg, device, dist, amp_dtype, train_set, val_set, test_set, info, model, net, optimizer,
+    return TrainSetup(cfg, device, dist, precision, train_set, val_set, test_set, info, model, net, optimizer,
                       plan.scheduler(optimizer), ema, criterion, plan, train_loader, val_loader, test_loader, run_dir,
-                      _tune_allocator(cfg, device))
+                      _tune_allocator(cfg, device), ScaledBackward(make_grad_scaler(precision, device)), lock)

@@ -3,18 +3,21 @@ callbacks doing everything else. One path for CPU, one GPU and torchrun/DDP."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..runs import EpochRecord, TrainConfig, check_version
+from ..checkpoint import load_checkpoint
+from ..runlock import lock_run_dir
+from ..runs import EpochRecord, TrainConfig, UsageError, check_version
 from .callbacks import Callback, CallbackList, default_callbacks
 from .config import DEFAULTS, resolve_config
 from .distributed import cleanup_distributed
-from .loop import evaluate_epoch, interrupted, train_one_epoch
+from .loop import TrainingInterrupted, evaluate_epoch, interrupted, train_one_epoch
 from .setup import TrainSetup, build_setup
 from .state import TrainState
 
@@ -38,10 +41,12 @@ class RunResult:
 
 
 class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after every step; a second one stops at once."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after every step; a second one stops at once, with
+    ``again(signum)``'s :class:`TrainingInterrupted` (where last.pt stands, how to resume)."""
 
-    def __init__(self):
+    def __init__(self, again: Callable[[int], BaseException]):
         self.signum: Optional[int] = None
+        self._again = again
         self._previous = {}
 
     def __enter__(self):
@@ -52,7 +57,7 @@ class _StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise self._again(signum)
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -60,12 +65,21 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _interrupted_again(run: TrainSetup, signum: int) -> TrainingInterrupted:
+    name, code = ("SIGINT", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
+    if not run.saved:
+        return TrainingInterrupted(f"{name} again: stopped at once, before any checkpoint was saved; start the run "
+                                   f"again", code, run.run_dir)
+    return TrainingInterrupted(f"{name} again: stopped at once; {run.run_dir / 'last.pt'} still holds {run.saved}.\n"
+                               f"resume with: {run.resume_command()}", code, run.run_dir)
+
+
 def fit(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback] = ()) -> RunResult:
     """Train ``run`` from ``state`` to the end of its plan, calling ``callbacks`` on every event."""
     callbacks = CallbackList(callbacks)
     run.plan.start(state.epoch, state.history)
     callbacks.on_train_start(run, state)
-    with _StopSignals() as stop:
+    with _StopSignals(lambda signum: _interrupted_again(run, signum)) as stop:
         while not state.done and state.epoch < run.plan.epochs:
             trained = train_one_epoch(run, state, callbacks, stop)
             record, state.done = evaluate_epoch(run, state, trained)
@@ -87,31 +101,99 @@ def fit(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback] = ()) 
                      run.info.flops_per_image)
 
 
+# What a resume may change: how long the run goes on, where, how it reports, and where its data lies (the
+# data itself is checked by its fingerprint). Anything else trains a different run.
+RESUME_CHANGEABLE = ("epochs", "budget", "device", "progress", "quiet", "tensorboard", "eval_every", "data_dir",
+                     "download", "cache_dir", "decode_workers", "data_cache", "resume")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (dict, list, tuple)) else str(value)
+
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists alike, as config.json holds them
+
+
+def _resume_checkpoint(given: str) -> Tuple[Path, Path]:
+    """(the run directory, its last.pt) for ``--resume PATH``, or a one-line error naming PATH."""
+    path = Path(given)
+    if not path.exists():
+        raise UsageError(f"--resume {given}: no such run directory")
+    run_dir, checkpoint = (path, path / "last.pt") if path.is_dir() else (path.parent, path)
+    if not checkpoint.is_file():
+        raise UsageError(f"--resume {given}: nothing to resume (no last.pt)")
+    return run_dir, checkpoint
+
+
 def _resume_config(config: TrainConfig, explicit: Set[str]) -> Tuple[TrainConfig, Dict[str, Any]]:
-    """The saved run's config (only its length and how it runs may change) and its last.pt."""
-    run_dir = Path(config.resume)
-    path = run_dir / "last.pt" if run_dir.is_dir() else run_dir
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: nothing to resume (no last.pt)")
+    """The saved run's config with the changes a resume may make, and its last.pt; any other change the user
+    asked for is refused, each named as ``field: old -> new``."""
+    run_dir, path = _resume_checkpoint(config.resume)
     checkpoint = load_checkpoint(path)
     check_version(checkpoint.get("format_version", 1), path)
+    if "optimizer" not in checkpoint:
+        raise UsageError(f"--resume {config.resume}: {path.name} holds chosen weights without the optimizer state; "
+                         f"resume the run with --resume {run_dir} (its last.pt), or fine-tune from these weights in "
+                         f"a new run with --pretrained {path}")
     saved = TrainConfig.from_dict(checkpoint["config"], str(path))
-    changes = {k: getattr(config, k) for k in ("epochs", "progress", "quiet", "device", "budget", "tensorboard")
+    changed = sorted(k for k in explicit if k not in RESUME_CHANGEABLE and hasattr(saved, k)
+                     and _comparable(getattr(config, k)) != _comparable(getattr(saved, k)))
+    if changed:
+        differences = "; ".join(f"{k}: {_shown(getattr(saved, k))} -> {_shown(getattr(config, k))}" for k in changed)
+        raise UsageError(f"--resume {config.resume}: a resume continues the run as it was, and these differ "
+                         f"({differences}); start a new run for them, or fine-tune from this one with --pretrained "
+                         f"{run_dir / 'last.pt'}")
+    changes = {k: getattr(config, k) for k in RESUME_CHANGEABLE
                if k in explicit or (k == "epochs" and config.epochs is not None)}
-    cfg = dataclasses.replace(saved, resume=str(run_dir), **changes)
+    cfg = dataclasses.replace(saved, **{**changes, "resume": str(run_dir)})
     # Options added after the checkpoint was written take their defaults (they did not exist then).
     return dataclasses.replace(cfg, **{k: v for k, v in DEFAULTS.items() if getattr(cfg, k) is None}), checkpoint
 
 
 def _start_state(run: TrainSetup, checkpoint: Optional[Dict[str, Any]]) -> TrainState:
     if checkpoint is None:
-        return TrainState(run.model, run.optimizer, run.scheduler, run.ema)
+        return TrainState(run.model, run.optimizer, run.scheduler, run.ema, run.backward, run.precision.kind)
     state = TrainState.from_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.ema, run.device,
-                                       source=str(run.run_dir / "last.pt"))
-    if state.epoch >= run.cfg.epochs:
-        raise ValueError(f"{run.run_dir} already finished {state.epoch} epochs; pass a larger --epochs to continue")
+                                       source=str(run.run_dir / "last.pt"), backward=run.backward,
+                                       precision=run.precision.kind)
+    run.saved = f"epoch {state.epoch + 1}, step {state.step}" if state.step else f"the end of epoch {state.epoch}"
     return state
+
+
+def _is_complete(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and (run_dir / "report.md").is_file()
+
+
+def _finish(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback]) -> RunResult:
+    """A run whose training ended but whose summary.json or report.md was not written (killed in between):
+    write them from last.pt."""
+    state.done = True
+    callbacks = CallbackList(callbacks)
+    callbacks.on_train_start(run, state)  # config.json rewritten, the start line printed
+    callbacks.on_train_end(run, state)
+    scored = [r for r in state.history if r.scored]
+    return RunResult(run.run_dir, run.cfg, state.history, scored[-1].test_acc if scored else 0.0,
+                     state.best_val_acc, state.best_epoch, state.train_seconds, run.info.params,
+                     run.info.flops_per_image)
+
+
+def _run(cfg: TrainConfig, checkpoint: Optional[Dict[str, Any]], callbacks: Iterable[Callback]) -> RunResult:
+    run = build_setup(cfg, checkpoint)
+    try:
+        state = _start_state(run, checkpoint)
+        every = [*default_callbacks(run), *callbacks]
+        if checkpoint is not None and state.epoch >= run.cfg.epochs:
+            if _is_complete(run.run_dir):
+                raise UsageError(f"{run.run_dir} already finished {state.epoch} epochs; pass a larger --epochs to "
+                                 f"continue")
+            return _finish(run, state, every)
+        if checkpoint is not None and run.is_main:
+            (run.run_dir / "summary.json").unlink(missing_ok=True)  # no longer finished: rewritten at its end
+        return fit(run, state, every)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Optional[set] = None,
@@ -132,17 +214,20 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
         TrainConfig.from_dict(overrides, "train()")  # names an unknown field and the closest valid one
         config = dataclasses.replace(config, **overrides)
     explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
-    checkpoint = None
-    if config.resume:
-        cfg, checkpoint = _resume_config(config, explicit)
-    else:
-        cfg = resolve_config(config, explicit)
-    if cfg.tensorboard:
-        from .tensorboard import require_tensorboard
-        require_tensorboard()  # before anything is written
+    lock = None
     try:
-        run = build_setup(cfg, resuming=checkpoint is not None)
-        state = _start_state(run, checkpoint)
-        return fit(run, state, [*default_callbacks(run), *callbacks])
+        if config.resume:
+            run_dir, _ = _resume_checkpoint(config.resume)
+            # One writer: the lock is taken before last.pt is read (rank 0 writes; torchrun sets RANK).
+            lock = lock_run_dir(run_dir) if os.environ.get("RANK", "0") == "0" else None
+            cfg, checkpoint = _resume_config(config, explicit)
+        else:
+            cfg, checkpoint = resolve_config(config, explicit), None
+        if cfg.tensorboard:
+            from .tensorboard import require_tensorboard
+            require_tensorboard()  # before anything is written
+        return _run(cfg, checkpoint, callbacks)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed()
