@@ -78,7 +78,7 @@ def compare(models: Sequence[str], out: str = "runs", name: Optional[str] = None
     write_text_atomic(options_file, json.dumps(options, indent=2) + "\n")
     for index, model in enumerate(models, 1):
         run_dir = comp_dir / model
-        if (run_dir / "summary.json").is_file():
+        if (run_dir / "summary.json").is_file() and (run_dir / "report.md").is_file():
             print(f"[{index}/{len(models)}] {model}: finished earlier, skipped", flush=True)
             continue
         cmd = _train_command(model, run_dir, comp_dir, options_file, train_args, progress)
