@@ -190,3 +190,21 @@ def test_aoti_without_a_compiler_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler .* and none was found"):
         export_model(model, tmp_path / "m.aoti.pt2", "aoti", (1, 32, 32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_on_a_file_of_an_unknown_kind_says_what_it_takes(tmp_path):
+    from moderncnn.predict import predict_paths
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.txt: not a model moderncnn reads; expected a run directory"):
+        predict_paths(str(notes), [str(notes)])
+
+
+def test_a_model_torch_export_cannot_capture_is_one_line_and_writes_nothing(tmp_path):
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum().view(1, 1).expand(x.shape[0], 2) if x.sum().item() > 0 else x[:, :2, 0, 0]
+
+    with pytest.raises(RuntimeError, match="DataDependent: torch.export cannot capture it: "):
+        export_model(DataDependent(), tmp_path / "m.pt2", "pt2", (1, 4, 4))
+    assert list(tmp_path.iterdir()) == []

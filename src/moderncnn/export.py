@@ -40,8 +40,13 @@ def _prepare(model: nn.Module) -> nn.Module:
 def _exported_program(model: nn.Module, example: torch.Tensor):
     """The eval-mode model as a ``torch.export`` program whose batch dimension is free."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; the first line names the op
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise RuntimeError(f"{getattr(model, 'model_name', type(model).__name__)}: torch.export cannot capture "
+                           f"it: {first.strip()}") from None
 
 
 def _write_pt2(model, example, target: Path, opset: int, exporter: str) -> None:

@@ -149,6 +149,7 @@ def _input_format(source) -> Tuple[int, Optional[tuple]]:
         meta = export_meta(Path(source))
         size = meta.get("native_size") or [meta["image_size"]] * 2
         return meta["in_chans"], tuple(size)
+    _expect_checkpoint(Path(source))
     spec = ModelSpec.from_dict(read_checkpoint(resolve_checkpoint(source)))
     return spec.in_chans, tuple(spec.native_size or (spec.image_size, spec.image_size))
 
@@ -168,6 +169,7 @@ def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: st
         return _predict_onnx(source_path, images, top_k)
     if fmt is not None:
         return _predict_exported(source_path, images, top_k)
+    _expect_checkpoint(source_path)
     path = resolve_checkpoint(source)
     state = read_checkpoint(path)
     spec = ModelSpec.from_dict(state)
@@ -177,6 +179,13 @@ def predict_files(source: str, images: Sequence[str], top_k: int = 3, device: st
     with torch.no_grad():
         probs = model(x).softmax(1).cpu()
     return _top(images, probs, spec.classes, top_k)
+
+
+def _expect_checkpoint(path: Path) -> None:
+    """A file that is neither an export nor a checkpoint: say what predict takes."""
+    if path.is_file() and path.suffix not in (".pt", ".pth", ".ckpt"):
+        raise ValueError(f"{path}: not a model moderncnn reads; expected a run directory, a checkpoint (.pt) or an "
+                         f"exported model (.pt2, .onnx, .safetensors, .aoti.pt2, .torchscript.pt)")
 
 
 def _top(images, probs: torch.Tensor, classes, top_k: int):
