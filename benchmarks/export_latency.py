@@ -46,8 +46,8 @@ def main() -> None:
         runners[fmt] = load_exported(path)
     import onnxruntime as ort
     path = export_model(model, work / "m.onnx", "onnx", size)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    runners["onnxruntime"] = lambda x: session.run(None, {"images": x.numpy()})[0]
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runners["onnxruntime"] = lambda x: runtime.run(None, {"images": x.numpy()})[0]
     print(f"{args.model}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}")
     for batch, repeats in ((1, 50), (128, 3)):
