@@ -154,6 +154,8 @@ def test_export_run_and_predict_in_every_format(tmp_path, capsys):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)).save(p)
         images.append(str(p))
     from_ckpt = predict_files(str(run), images, top_k=3)
+    from moderncnn.predict import evaluate_checkpoint
+    reference = evaluate_checkpoint(str(run))
     for fmt in ("onnx", "pt2", "safetensors", "torchscript"):
         assert main(["export", str(run), "--format", fmt]) == 0
         path = run / f"model{FORMATS[fmt]}"
@@ -164,6 +166,9 @@ def test_export_run_and_predict_in_every_format(tmp_path, capsys):
             assert [n for n, _ in a] == [n for n, _ in b], fmt
             np.testing.assert_allclose([p for _, p in a], [p for _, p in b], atol=1e-4)
         assert main(["predict", str(path), images[0]]) == 0
+        scored = evaluate_checkpoint(str(path))
+        assert scored.images == 64 and scored.accuracy == pytest.approx(reference.accuracy, abs=1 / 64 + 1e-9)
+        assert scored.loss == pytest.approx(reference.loss, abs=1e-3)
     with pytest.raises(ValueError, match="would overwrite a checkpoint"):
         export(str(run), "torchscript", output=str(run / "last.pt"))
 

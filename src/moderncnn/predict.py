@@ -60,11 +60,15 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
     from .data import Loader, load_dataset
     from .train.loop import evaluate
     from .train.setup import pick_device
-    path = resolve_checkpoint(source)
-    state = read_checkpoint(path)
-    spec, config = ModelSpec.from_dict(state), state.get("config") or {}
     device = pick_device(device)
-    model = build_model(state, str(path)).to(device)
+    if _exported(source):
+        path, (spec, config, model) = Path(source), _exported_for_evaluation(Path(source))
+        device = torch.device("cpu")  # exported programs run where they were exported: the CPU
+    else:
+        path = resolve_checkpoint(source)
+        state = read_checkpoint(path)
+        spec, config = ModelSpec.from_dict(state), state.get("config") or {}
+        model = build_model(state, str(path)).to(device)
     dataset = dataset or spec.dataset or config.get("dataset")
     kwargs = {}
     if dataset == "imagefolder":
@@ -84,6 +88,35 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
                     std=spec.std, eval_crop=spec.eval_crop)
     loss, acc = evaluate(model, loader, tta=tta)
     return Evaluation(spec.model_name, dataset, len(test), loss, acc, path)
+
+
+class _ExportedModel(torch.nn.Module):
+    """An exported model's function as a module that :func:`~moderncnn.train.loop.evaluate` can score."""
+
+    def __init__(self, path: Path, fmt: str):
+        super().__init__()
+        if fmt == "onnx":
+            runtime = _onnx_runtime(path)
+            fn = lambda x: torch.from_numpy(runtime.run(None, {runtime.get_inputs()[0].name: x.numpy()})[0])  # noqa
+        else:
+            fn = load_exported(path)
+        object.__setattr__(self, "_run", fn)  # not a submodule: exported programs refuse .eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x.contiguous())
+
+
+def _exported_for_evaluation(path: Path):
+    """(model spec, the training config where its checkpoint still exists, the model) of an exported file."""
+    meta = export_meta(path)
+    spec = ModelSpec.from_dict({**meta, "normalization": {"mean": meta.get("mean"), "std": meta.get("std")}})
+    config = {}
+    if meta.get("checkpoint") and Path(meta["checkpoint"]).is_file():
+        try:
+            config = read_checkpoint(meta["checkpoint"]).get("config") or {}
+        except ValueError:
+            config = {}
+    return spec, config, _ExportedModel(path, _exported(path))
 
 
 def expand_paths(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
@@ -210,14 +243,18 @@ def _predict_exported(path: Path, images, top_k: int):
     return _top(images, probs, meta["classes"], top_k)
 
 
-def _predict_onnx(path: Path, images, top_k: int):
+def _onnx_runtime(path: Path):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError("predicting with an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
+        raise ValueError("running an ONNX file needs onnxruntime: pip install 'moderncnn[export]'") from None
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _predict_onnx(path: Path, images, top_k: int):
     x, meta = _exported_inputs(path, images)
     x = x.numpy()
-    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runtime = _onnx_runtime(path)
     logits = runtime.run(None, {runtime.get_inputs()[0].name: x})[0]
     probs = torch.from_numpy(logits).softmax(1)
     return _top(images, probs, meta["classes"], top_k)
