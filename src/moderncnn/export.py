@@ -92,7 +92,8 @@ def _has_dynamo_exporter() -> bool:
     except ImportError:
         return False
     import inspect
-    return "dynamo" in inspect.signature(torch.onnx.export).parameters
+    parameters = inspect.signature(torch.onnx.export).parameters
+    return "dynamo" in parameters and "dynamic_shapes" in parameters  # torch 2.4 had the switch without them
 
 
 def _write_torchscript(model, example, target: Path, opset: int, exporter: str) -> None:
