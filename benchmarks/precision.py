@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import moderncnn
+from moderncnn.bench import make_step as bench_step
 from moderncnn.train.precision import cpu_bf16_feature
 
 # name -> (input C x H x W, batch, constructor arguments), as the precision table measures them
@@ -35,7 +36,8 @@ MODELS = {
 @contextlib.contextmanager
 def implicit_bf16(enabled: bool):
     """oneDNN computes float32 convolutions and matrix products in bfloat16 inside (torch >= 2.9)."""
-    backends = [b for b in (getattr(torch.backends.mkldnn, "conv", None), getattr(torch.backends.mkldnn, "matmul", None))
+    mkldnn = torch.backends.mkldnn
+    backends = [b for b in (getattr(mkldnn, "conv", None), getattr(mkldnn, "matmul", None))
                 if b is not None and hasattr(b, "fp32_precision")]
     previous = [b.fp32_precision for b in backends]
     try:
@@ -49,29 +51,38 @@ def implicit_bf16(enabled: bool):
 
 
 def make_step(name: str, mode: str, batch: int, compiled: bool = False):
+    """One training step of ``name`` in ``mode`` (fp32, bf16, fp16 or implicit), as ``moderncnn bench`` times it;
+    ``compiled``: the bfloat16 step with the model under torch.compile."""
+    size, _, kwargs = MODELS[name]
+    if compiled:
+        return _compiled_step(name, batch)
+    amp = {"bf16": "bf16", "fp16": "fp16"}.get(mode, "off")
+    step = bench_step("moderncnn", name, "train", size, batch, "cpu", amp=amp, channels_last=True, model_kwargs=kwargs)
+    if mode != "implicit":
+        return step
+
+    def implicit():
+        with implicit_bf16(True):
+            step()
+    return implicit
+
+
+def _compiled_step(name: str, batch: int):
     size, _, kwargs = MODELS[name]
     torch.manual_seed(0)
-    model = moderncnn.create_model(name, num_classes=10, in_chans=size[0], **kwargs).to(memory_format=torch.channels_last)
-    model.train()
+    model = moderncnn.create_model(name, num_classes=10, in_chans=size[0], **kwargs)
+    model = model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, *size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    scaler = torch.amp.GradScaler("cpu") if mode == "fp16" else None
-    net = torch.compile(model) if compiled else model
+    net = torch.compile(model.train())
 
     def step():
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
-                implicit_bf16(mode == "implicit"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return step
 
 

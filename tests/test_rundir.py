@@ -53,7 +53,8 @@ def test_a_locked_run_refuses_every_other_writer_and_no_reader(data_dir, tmp_pat
         for args in (_train_args(data_dir, tmp_path, epochs=2), ["train", "--resume", run, "--epochs", 2]):
             proc = _cli(*args)
             assert proc.returncode == 1
-            assert f"is being written by another moderncnn process (PID {os.getpid()})" in _one_error_line(proc, "train")
+            line = _one_error_line(proc, "train")
+            assert f"is being written by another moderncnn process (PID {os.getpid()})" in line
         with pytest.raises(RunLockedError):
             lock_run_dir(run)
         assert _cli("eval", run).returncode == 0  # readers take no lock
@@ -103,7 +104,8 @@ def _agree(run):
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert summary["chosen_epoch"] == last["best_epoch"] == best["best_epoch"] == best["epoch"]
     assert f"epoch {best['epoch']}" in (run / "report.md").read_text()
-    torch.testing.assert_close(moderncnn.load_model(run).state_dict(), moderncnn.load_model(run / "best.pt").state_dict())
+    chosen, best_file = moderncnn.load_model(run), moderncnn.load_model(run / "best.pt")
+    torch.testing.assert_close(chosen.state_dict(), best_file.state_dict())
 
 
 def test_a_crash_between_best_and_last_is_repaired_by_resume(data_dir, tmp_path, monkeypatch):
@@ -205,11 +207,13 @@ def test_resume_on_a_folder_with_added_images_is_refused(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
                     tmp_path / "imgs" / split / cls / f"{i}.png")
-    options = dict(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), model="nin", model_kwargs={"small_input": True},
+    options = dict(dataset="imagefolder", data_dir=str(tmp_path / "imgs"), model="nin",
+                   model_kwargs={"small_input": True},
                    epochs=1, batch_size=4, out=str(tmp_path), name="run", progress=False, image_size=20,
                    cache_dir=str(tmp_path / "cache"))
     moderncnn.train(**options)
-    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "a" / "new.png")
+    added = tmp_path / "imgs" / "train" / "a" / "new.png"
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(added)
     with pytest.raises(ValueError, match=r"imgs/train: 8 -> 9 images"):
         moderncnn.train(resume=str(tmp_path / "run"), epochs=2, progress=False)
 
@@ -351,7 +355,8 @@ def test_a_full_disk_during_the_cache_build_is_an_error(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(40):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "imgs" / cls / f"{i}.png")
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode != 0:

@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["RunLockedError", "RunLock", "lock_run_dir", "temporary_name", "remove_stale_temporaries"]
+__all__ = ["RunLockedError", "RunLock", "lock_run_dir", "temporary_name", "remove_stale_temporaries", "process_alive"]
 
 LOCK_NAME = ".lock"
 # .<file>.<pid>.<anything>.tmp or .partial: what write_text_atomic, save_checkpoint and export leave mid-write
@@ -36,7 +36,8 @@ def temporary_name(path: Union[str, Path], suffix: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.{suffix}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this one included; another user's counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -57,7 +58,7 @@ def remove_stale_temporaries(directory: Union[str, Path]) -> int:
         return 0
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if match and entry.is_file() and not _alive(int(match.group(1))):
+        if match and entry.is_file() and not process_alive(int(match.group(1))):
             entry.unlink(missing_ok=True)
             removed += 1
     return removed

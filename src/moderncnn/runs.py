@@ -35,8 +35,8 @@ from .checkpoint import CheckpointError, load_checkpoint, write_text_atomic
 __all__ = ["FORMAT_VERSION", "UsageError", "ModerncnnWarning", "RunFileError", "RunFormatError", "AMP_CHOICES",
            "normalize_amp", "TrainConfig", "ModelSpec", "RunInfo", "EpochRecord", "RunSummary", "Run", "load_run",
            "load_model", "build_model", "load_model_state", "resolve_checkpoint", "read_checkpoint", "write_config",
-           "write_metrics", "read_metrics", "read_json_file", "read_safetensors", "write_summary", "run_name", "software_versions",
-           "peak_memory_mb", "METRIC_FIELDS", "check_version", "epochs_trained"]
+           "write_metrics", "read_metrics", "read_json_file", "read_safetensors", "write_summary", "run_name",
+           "software_versions", "peak_memory_mb", "METRIC_FIELDS", "check_version", "epochs_trained"]
 
 FORMAT_VERSION = 3  # 3: the data fingerprint and the amp values auto/bf16/fp16/off (2 is migrated on reading)
 

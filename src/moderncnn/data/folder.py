@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..runlock import process_alive
 from .datasets import DatasetError, ImageDataset, cache_dir
 
 __all__ = ["RESIZE_MODES", "CACHE_MODES", "IMAGE_EXTENSIONS", "read_image_folder", "decode_image",
@@ -201,13 +202,8 @@ def _remove_dead_builds(parent: Path) -> None:
         return
     for entry in entries:
         pid = entry.name.split("-")[1] if entry.name.count("-") >= 2 else ""
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(entry, ignore_errors=True)
-            except PermissionError:
-                pass
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _decode_all(samples, channels: int, size, resize: str, workers: int, strict: bool, target: Path) -> List[str]:
