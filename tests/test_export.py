@@ -17,10 +17,10 @@ HUGE = {"vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", 
         "alexnet_d2l", "vgg_d2l", "resnet152", "resnet101", "densenet264", "densenet161", "densenet201", "nin"}
 
 
-def _calibrated(name, size, **kwargs):
+def _calibrated(name, size, num_classes=10, in_chans=1, **kwargs):
     """A model whose BatchNorm statistics were set by two training-mode passes: random-init deep nets
     in eval mode otherwise blow activations up to ~1e4, where float32 itself has no 1e-4 to spare."""
-    model = create_model(name, num_classes=10, in_chans=1, **kwargs)
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     c = model.min_input_size[0]
     model.train()
     with torch.no_grad():
@@ -94,10 +94,7 @@ def test_export_matches_pytorch_large_models(name, tmp_path):
 def test_safetensors_load_into_torchvision_with_equal_logits(name, tv_name, tmp_path):
     import torchvision
     from safetensors.torch import load_file
-    model = create_model(name, num_classes=7, in_chans=3).train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 64, 64))  # running statistics of their own, not the initial ones
-    model.eval()
+    model = _calibrated(name, 64, num_classes=7, in_chans=3)
     path = export_model(model, tmp_path / "m.safetensors", "safetensors", (3, 64, 64),
                         meta={"model_name": name, "num_classes": 7})
     theirs = getattr(torchvision.models, tv_name)(num_classes=7).eval()

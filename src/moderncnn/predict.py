@@ -109,7 +109,7 @@ class _ExportedModel(torch.nn.Module):
 def _exported_for_evaluation(path: Path):
     """(model spec, the training config where its checkpoint still exists, the model) of an exported file."""
     meta = export_meta(path)
-    spec = ModelSpec.from_dict({**meta, "normalization": {"mean": meta.get("mean"), "std": meta.get("std")}})
+    spec = ModelSpec.from_dict(meta)
     config = {}
     if meta.get("checkpoint") and Path(meta["checkpoint"]).is_file():
         try:

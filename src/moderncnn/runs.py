@@ -228,7 +228,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelSpec":
-        norm = data.get("normalization") or {}
+        # a checkpoint nests mean and std under "normalization"; an export's JSON holds them at the top
+        norm = data.get("normalization") or {"mean": data.get("mean"), "std": data.get("std")}
         channels = int(data["in_chans"])
         return cls(model_name=data["model_name"], num_classes=int(data["num_classes"]), in_chans=channels,
                    image_size=int(data["image_size"]), classes=[str(c) for c in data.get("classes") or []],
@@ -639,8 +640,7 @@ def _load_safetensors(path: Path) -> nn.Module:
     if "model_name" not in meta:
         raise CheckpointError(f"{path}: no moderncnn model spec in its metadata (a plain state dict: load it with "
                               f"create_model(NAME, pretrained={str(path)!r}))")
-    spec = {**meta, "normalization": {"mean": meta.get("mean"), "std": meta.get("std")}}
-    return build_model({**spec, "model": weights}, str(path))
+    return build_model({**meta, "model": weights}, str(path))
 
 
 def run_name(model: str, dataset: str) -> str:
