@@ -15,5 +15,5 @@ def _seed():
 def _no_native_bf16(monkeypatch):
     """Every test sees a CPU without native bfloat16, as many CI machines are: ``--amp auto`` (the default) is
     then float32 everywhere. Tests of the precision decision set the capability they need."""
-    from moderncnn.train import precision
-    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: None)
+    from moderncnn import hardware
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: None)

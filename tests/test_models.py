@@ -1,5 +1,7 @@
 """One parametrized set of tests over every registered model (timm's pattern), then the specifics:
 torchvision equivalence, parameter counts, WRC, CSP, DenseNet modes."""
+import shutil
+
 import pytest
 import torch
 import torchvision
@@ -383,28 +385,63 @@ def test_package_exports():
 
 
 # --- optimize_for_inference -------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_optimize_for_inference_equals_model(name):
-    from moderncnn.models.inference import optimize_for_inference
-    model = create_model(name, num_classes=10, in_chans=1)
-    trainable = [p.requires_grad for p in model.parameters()]
-    # Non-trivial BatchNorm statistics, so that folding them is really tested.
+def _with_batch_statistics(name, in_chans=1):
+    """A model in eval mode whose BatchNorms hold non-trivial statistics (so that folding them is really tested),
+    and an input of its size."""
+    model = create_model(name, num_classes=10, in_chans=in_chans)
     model.train()
     c, h, w = model.min_input_size
     size = max(h, 32)
     with torch.no_grad():
         for _ in range(2):
             model(torch.randn(4, c, size, size))
-    model.eval()
-    x = torch.randn(3, c, size, size)
+    return model.eval(), torch.randn(3, c, size, size)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_optimize_for_inference_equals_model(name):
+    from moderncnn.models.inference import optimize_for_inference
+    model, x = _with_batch_statistics(name)
+    trainable = [p.requires_grad for p in model.parameters()]
     with torch.no_grad():
         expected = model(x)
-    fast = optimize_for_inference(model)
+    fast = optimize_for_inference(model)  # the tests' CPU has no native bfloat16: auto is float32
+    assert fast.precision == "off"
     torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
-    if name not in HUGE:
-        traced = optimize_for_inference(model, example=x[:2], jit=True)
-        torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-4)  # another batch size
     assert model.training is False and [p.requires_grad for p in model.parameters()] == trainable  # untouched
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_fmnist", "resnet18", "vgg11_bn", "googlenet", "nin", "alexnet"])
+def test_optimize_for_inference_in_bfloat16_keeps_the_logits(name):
+    from moderncnn.models.inference import optimize_for_inference
+    model, x = _with_batch_statistics(name)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, precision="bf16")
+    out = fast(x)
+    assert fast.precision == "bf16" and next(fast.parameters()).dtype == torch.bfloat16
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max() <= 0.1 * expected.abs().max()  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_optimize_for_inference_auto_takes_bfloat16_where_the_cpu_has_it(monkeypatch):
+    from moderncnn import hardware
+    from moderncnn.models.inference import optimize_for_inference
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "AMX")
+    assert optimize_for_inference(create_model("nin", num_classes=10, in_chans=1)).precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, off"):
+        optimize_for_inference(create_model("nin", num_classes=10, in_chans=1), precision="float32")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="no C++ compiler")
+def test_optimize_for_inference_compiled_equals_model_at_every_batch_size():
+    from moderncnn.models.inference import optimize_for_inference
+    model, x = _with_batch_statistics("resnet_d2l")
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(FutureWarning, match=r"jit=True\) is deprecated.*compile=True"):
+        fast = optimize_for_inference(model, example=x[:2], jit=True)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)  # another batch size than the example's
 
 
 def test_densenet_no_grad_buffer_path_equals_concat_path():

@@ -13,7 +13,7 @@ from torch import nn
 import moderncnn
 from moderncnn.runs import TrainConfig, normalize_amp
 from moderncnn.train import NonFiniteLossError, TrainingInterrupted, load_checkpoint, resolve_config
-from moderncnn.train import precision
+from moderncnn import hardware
 from moderncnn.train.precision import ScaledBackward, apply_fp32_precision, resolve_precision
 
 from helpers import CtrlCAtStep, make_mnist, tiny
@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
     ((6, 0), "fp16", True, "float16 autocast + GradScaler (the GPU has compute capability 6.0, below 8.0"),
 ])
 def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, kind, scaled, words):
-    monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: capability)
     chosen = resolve_precision("auto", CUDA)
     assert (chosen.kind, chosen.scaler) == (kind, scaled)
     assert chosen.description.startswith(words)
@@ -46,7 +46,7 @@ def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, ki
 
 @pytest.mark.parametrize("feature", ["AMX", "AVX512-BF16", None])
 def test_auto_on_the_cpu_takes_bfloat16_only_where_it_is_native(monkeypatch, feature):
-    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: feature)
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: feature)
     chosen = resolve_precision("auto", CPU)
     if feature:
         assert chosen.dtype == torch.bfloat16 and not chosen.scaler
@@ -57,7 +57,7 @@ def test_auto_on_the_cpu_takes_bfloat16_only_where_it_is_native(monkeypatch, fea
 
 
 def test_explicit_choices_hold_on_every_device(monkeypatch):
-    monkeypatch.setattr(precision, "cuda_capability", lambda device: (7, 0))
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: (7, 0))
     for device in (CPU, CUDA):
         assert resolve_precision("off", device).dtype is None
         fp16 = resolve_precision("fp16", device)
@@ -67,7 +67,7 @@ def test_explicit_choices_hold_on_every_device(monkeypatch):
     assert emulated.dtype == torch.bfloat16
     with pytest.warns(UserWarning, match="compute capability 7.0, below 8.0, so bfloat16 is emulated"):
         resolve_precision("bf16", CUDA)
-    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: "AMX")
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "AMX")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # native: no warning
         assert resolve_precision("bf16", CPU).description == "bfloat16 autocast (the CPU has AMX)"
@@ -211,7 +211,7 @@ def test_auto_without_native_bf16_is_float32_bit_for_bit(data_dir, tmp_path):
 
 
 def test_bfloat16_run_records_why(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda: "AMX")  # oneDNN emulates it where it is not
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "AMX")  # oneDNN emulates it where it is not
     moderncnn.train(**tiny(data_dir, tmp_path, epochs=1))
     words = "bfloat16 autocast (the CPU has AMX)"
     for name in ("summary.json", "config.json"):

@@ -54,7 +54,7 @@ def test_download_from_local_server_gives_torchvision_logits(hub, server, monkey
     served, base = server
     reference = torchvision.models.resnet18().eval()
     filename = _publish(served, "resnet18", reference.state_dict())
-    monkeypatch.setattr(pt, "weights_url", lambda name: f"{base}/{filename}")
+    monkeypatch.setattr(pt, "weights_url", lambda name, tag="DEFAULT": f"{base}/{filename}")
     model = create_model("resnet18", pretrained=True).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_checksum_mismatch_is_an_error_and_not_kept(hub, server, monkeypatch):
     filename = _publish(served, "resnet18", torchvision.models.resnet18().state_dict())
     wrong = "resnet18-00000000.pth"
     (served / filename).rename(served / wrong)
-    monkeypatch.setattr(pt, "weights_url", lambda name: f"{base}/{wrong}")
+    monkeypatch.setattr(pt, "weights_url", lambda name, tag="DEFAULT": f"{base}/{wrong}")
     with pytest.raises(pt.PretrainedError, match="checksum mismatch"):
         create_model("resnet18", pretrained=True)
     assert not (hub / "checkpoints" / wrong).exists()
@@ -78,7 +78,7 @@ def test_offline_error_says_what_and_where(hub, monkeypatch):
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(pt, "weights_url", lambda name: f"http://127.0.0.1:{port}/densenet121-a639ec97.pth")
+    monkeypatch.setattr(pt, "weights_url", lambda name, tag="DEFAULT": f"http://127.0.0.1:{port}/densenet121-a639ec97.pth")
     with pytest.raises(pt.PretrainedError, match=r"could not download http://127.0.0.1:\d+/densenet121-a639ec97.pth"
                                                  r".*Put the file by hand at .*checkpoints/densenet121-a639ec97.pth"):
         create_model("densenet121", pretrained=True)
@@ -170,3 +170,41 @@ def test_fine_tune_image_folder_end_to_end(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "runs" / "ft"), str(img), "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "blue" in out and "red" in out
+
+
+@pytest.mark.parametrize("call", [
+    lambda: create_model("resnet18", True),  # timm: pretrained is the second argument
+    lambda: create_model("resnet18", weights="DEFAULT"),  # torchvision's word
+    lambda: create_model("resnet18", weights="IMAGENET1K_V1"),
+    lambda: create_model("resnet18", weights="ResNet18_Weights.IMAGENET1K_V1"),
+    lambda: create_model("resnet18", weights=torchvision.models.ResNet18_Weights.DEFAULT),
+])
+def test_timm_and_torchvision_spellings_of_pretrained_weights(hub, server, monkeypatch, call):
+    served, base = server
+    reference = torchvision.models.resnet18().eval()
+    filename = _publish(served, "resnet18", reference.state_dict())
+    asked = []
+    monkeypatch.setattr(pt, "weights_url", lambda name, tag="DEFAULT": asked.append(tag) or f"{base}/{filename}")
+    model = call().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert asked[0] in ("DEFAULT", "IMAGENET1K_V1")
+
+
+def test_unknown_weights_name_and_misplaced_arguments_are_one_line_errors():
+    with pytest.raises(pt.PretrainedError, match=r"resnet50 has no torchvision weights 'IMAGENET9K_V9'.*IMAGENET1K_V2"):
+        create_model("resnet50", weights="ResNet50_Weights.IMAGENET9K_V9")
+    with pytest.raises(TypeError, match=r"second argument is pretrained \(timm's order\); pass num_classes=10"):
+        create_model("resnet18", 10)
+    with pytest.raises(TypeError, match="pretrained= or weights="):
+        create_model("resnet18", True, weights="DEFAULT")
+
+
+def test_list_models_takes_timms_filters():
+    assert list_models("resnet1*") == ["resnet101", "resnet152", "resnet18", "resnet18_wrc"]
+    assert list_models(filter=["vgg1?", "nin"]) == ["nin", "vgg11", "vgg13", "vgg16", "vgg19"]
+    assert list_models("densenet*", exclude_filters="*_d2l") == [n for n in list_models("densenet*") if n != "densenet_d2l"]
+    assert "densenet_d2l" in list_models("densenet*") and list_models("") == list_models()
+    assert list_models("resnet*", exclude_filters=["*1", "*_*"], pretrained=True) == ["resnet152", "resnet18",
+                                                                                       "resnet34", "resnet50"]

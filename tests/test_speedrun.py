@@ -165,3 +165,53 @@ def test_speedrun_benchmark_trains_each_seed_and_prints_the_means(tmp_path):
         assert row["epochs"] == 2.0 and 0 <= row["test_acc"] <= 1 and row["val_acc"] is not None
         config = json.loads((Path(row["run_dir"]) / "config.json").read_text())["config"]
         assert (config["recipe"], config["val_split"], config["seed"]) == ("cifar10-speedrun", 6, row["seed"])
+
+
+STAND_IN_ANCHOR = '''import json, os, sys
+seed = int(os.environ["SEED"])
+assert os.environ["RUNS"] == "1"
+print("epoch lines the anchor prints")
+with open(os.environ["ANCHOR_LOG"], "a") as log:
+    log.write(f"anchor {seed}\\n")
+print(json.dumps({"accuracy": [0.9 + seed / 100], "train_seconds": [100.0 + seed], "bf16": True, "cpu": "x"}))
+'''
+
+
+def test_speedrun_benchmark_against_the_anchor_interleaves_the_runs_and_prints_the_ratios(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from test_folders import make_folder
+
+    data = make_folder(tmp_path / "cifar", classes=("cat", "dog", "ship"), n=10, size=(32, 32))
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text(STAND_IN_ANCHOR)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar_speedrun.py"
+    command = [sys.executable, str(script), "--data-dir", str(data), "--runs", "2", "--first-seed", "3",
+               "--val-split", "6", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "side.json"),
+               "--vs-anchor", "--anchor-script", str(anchor), "--",
+               "--epochs", "1", "--batch-size", "8", "--model-arg", "widths=8,16,16",
+               "--cache-dir", str(tmp_path / "cache")]
+    env = dict(os.environ, ANCHOR_LOG=str(tmp_path / "anchor.log"))
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split()[:2] for line in out.stdout.splitlines()
+             if line.split()[:1] in (["anchor"], ["moderncnn"]) and line.split()[1].isdigit()]
+    assert lines == [["anchor", "3"], ["moderncnn", "3"], ["anchor", "4"], ["moderncnn", "4"]]  # interleaved
+    assert (tmp_path / "anchor.log").read_text() == "anchor 3\nanchor 4\n"
+    record = json.loads((tmp_path / "side.json").read_text())
+    assert [(r["seed"], r["train_s"], round(r["test_acc"], 6)) for r in record["anchor_runs"]] == [
+        (3, 103.0, 0.93), (4, 104.0, 0.94)]
+    ours = sum(r["train_s"] for r in record["runs"]) / 2
+    assert record["train_time_ratio"] == pytest.approx(ours / 103.5)
+    ours_acc = sum(r["test_acc"] for r in record["runs"]) / 2
+    assert record["accuracy_difference_points"] == pytest.approx(100 * (ours_acc - 0.935))
+    assert f"training time {record['train_time_ratio']:.2f}x" in out.stdout
+    assert "CPU: " in out.stdout and record["native_bf16"] in (True, False) and record["cpu"]
+
+    anchor.write_text("import sys\nprint('no JSON here')\nsys.exit('airbench: AIRBENCH_GIT is not set')\n")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("cifar_speedrun.py: the anchor run of seed 3 failed (exit 1): "
+                                                   "airbench: AIRBENCH_GIT is not set")

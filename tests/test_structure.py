@@ -11,7 +11,7 @@ MAX_FUNCTION_LINES = 80
 
 # The layers of DESIGN.md, lowest first: a module may import its own part or a lower layer, never a higher one.
 # models and data share the lowest layer and import neither each other nor anything above.
-LAYERS = {"models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "train": 4,
+LAYERS = {"hardware": -1, "models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "train": 4,
           "predict": 5, "compare": 5, "bench": 5, "export": 5, "cli": 6, "__main__": 7}
 
 
@@ -105,3 +105,30 @@ def test_train_is_both_the_function_and_the_package():
     import moderncnn.train.callbacks  # importing a submodule must not turn moderncnn.train into a plain module
     assert callable(moderncnn.train) and moderncnn.train.Callback is moderncnn.train.callbacks.Callback
     assert moderncnn.Callback is moderncnn.train.Callback
+
+
+def _warn_from(module: str, category: str) -> None:
+    """Raise a warning attributed to ``module`` (the warnings filter matches the caller's ``__name__``)."""
+    exec(compile(f"import warnings\nwarnings.warn('old call', {category})", "<test>", "exec"), {"__name__": module})
+
+
+@pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
+def test_a_deprecation_warning_raised_in_moderncnn_fails_the_suite(category):
+    """pyproject's filterwarnings: these warnings from moderncnn's own modules are errors, from others not."""
+    with pytest.raises(category, match="old call"):
+        _warn_from("moderncnn.export", category.__name__)
+    with pytest.warns(category, match="old call"):
+        _warn_from("some_other_package", category.__name__)
+
+
+def test_the_package_ships_its_type_marker_and_has_one_version_source():
+    import importlib.metadata
+    import importlib.resources
+    import tomllib
+
+    import moderncnn
+    assert (importlib.resources.files("moderncnn") / "py.typed").is_file()
+    pyproject = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["moderncnn"]
+    assert moderncnn.__version__ == importlib.metadata.version("moderncnn") == pyproject["project"]["version"]
+    assert '__version__ = "' not in (SRC / "__init__.py").read_text()  # not written a second time

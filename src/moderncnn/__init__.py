@@ -4,8 +4,12 @@ see it, train it, compare it, export it.
 The names below load on first use: ``import moderncnn.models`` builds models without loading the trainer.
 """
 import importlib
+import importlib.metadata
 
-__version__ = "0.2.0"
+try:  # one source: the version pyproject.toml gives the installed package
+    __version__ = importlib.metadata.version("moderncnn")
+except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 # name -> the module that defines it
 _EXPORTS = {

@@ -10,6 +10,7 @@ itself there, as the trainer does). On CUDA the peak is ``torch.cuda.max_memory_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -84,10 +85,11 @@ def _amp_kind(amp) -> str:
 
 
 def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
-              amp="off", channels_last: bool = False, model_kwargs: Optional[Dict] = None):
+              amp="off", channels_last: bool = False, model_kwargs: Optional[Dict] = None,
+              inference: Optional[Dict] = None):
     """One step of a configuration as a function: ``mode`` is "train" (SGD), "train_me" (memory-efficient),
-    "eval" or "eval_opt" (:func:`optimize_for_inference`); ``model_kwargs`` reshape our network (e.g.
-    ``growth_rate=16``). Random inputs, seeded."""
+    "eval" or "eval_opt" (:func:`optimize_for_inference`, with the keyword arguments ``inference``);
+    ``model_kwargs`` reshape our network (e.g. ``growth_rate=16``). Random inputs, seeded."""
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in training (which sets it too)
@@ -125,18 +127,22 @@ def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch:
     else:
         model.eval()
         if mode == "eval_opt":
+            # it computes in --amp's dtype itself (weights cast, no autocast), like for like with torchvision's
             from .models.inference import optimize_for_inference
-            model = optimize_for_inference(model, channels_last=True)
+            options = {"channels_last": True, "precision": _amp_kind(amp), **(inference or {})}
+            model = optimize_for_inference(model, example=x, **options)
+            amp_ctx = contextlib.nullcontext
 
         def step():
             with torch.inference_mode(), amp_ctx():
                 model(x)
+    step.precision = getattr(model, "precision", _amp_kind(amp))
     return step
 
 
 def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: int, device: str = "cpu",
             steps: int = 5, warmup: int = 2, amp="off", channels_last: bool = False,
-            repeats: int = 1, model_kwargs: Optional[Dict] = None) -> Dict:
+            repeats: int = 1, model_kwargs: Optional[Dict] = None, inference: Optional[Dict] = None) -> Dict:
     """One configuration (see :func:`make_step`), timed.
 
     ``repeats`` rounds of ``steps`` timed steps; the fastest round counts (as timeit does: slower rounds
@@ -144,7 +150,7 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    step = make_step(impl, name, mode, input_size, batch, device, amp, channels_last, model_kwargs)
+    step = make_step(impl, name, mode, input_size, batch, device, amp, channels_last, model_kwargs, inference)
     for _ in range(warmup):
         step()
     _sync(dev)
@@ -156,7 +162,7 @@ def measure(impl: str, name: str, mode: str, input_size: Sequence[int], batch: i
         _sync(dev)
         seconds = min(seconds, time.perf_counter() - start)
     result = {"impl": impl, "model": name, "mode": mode, "images_per_second": steps * batch / seconds,
-              "batch": batch, "device": str(dev)}
+              "batch": batch, "device": str(dev), "precision": step.precision}
     result["peak_mb"] = peak_memory_mb(dev)
     return result
 
@@ -278,5 +284,6 @@ def _format_row(r: Dict) -> str:
         lines.append(f"  {'torchvision eval()':36s} {tv_eval['images_per_second']:8.1f}"
                      + (f" {_ratio(tv_eval['images_per_second'], tv_eval.get('fp32_images_per_second')):>8s}"
                         if mixed else ""))
-    line("moderncnn optimize_for_inference", opt, speed_refs=(r.get("tv_eval"), None), memory=False)
+    label = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}[opt.get("precision", "off")]
+    line(f"moderncnn optimize_for_inference, {label}", opt, speed_refs=(r.get("tv_eval"), None), memory=False)
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import write_text_atomic
+from .hardware import cxx_compiler
 from .models.inference import fold_batchnorm
 from .exported import FORMATS, exported_format, load_exported, meta_path
 from .runlock import remove_stale_temporaries, temporary_name
@@ -58,8 +59,7 @@ def _write_pt2(model, example, target: Path, opset: int, exporter: str) -> None:
 
 
 def _write_aoti(model, example, target: Path, opset: int, exporter: str) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
-    if not compiler:
+    if not cxx_compiler():
         raise UsageError("--format aoti compiles the model to C++ and needs a C++ compiler (g++ or clang++), "
                          "and none was found; install one, or export --format pt2")
     from torch._inductor import aoti_compile_and_package
@@ -78,7 +78,10 @@ def _write_onnx(model, example, target: Path, opset: int, exporter: str) -> None
             torch.onnx.export(model, (example,), str(target), dynamo=True, dynamic_shapes=({0: "batch"},),
                               external_data=False, verbose=False, **names)
         else:
-            warnings.simplefilter("ignore", DeprecationWarning)  # asked for, or the only exporter there is
+            # asked for, or the only exporter there is: its deprecation notices are known
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export",
+                                    DeprecationWarning)
+            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
             kwargs = dict(dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **names)
             try:
                 torch.onnx.export(model, (example,), str(target), dynamo=False, **kwargs)
@@ -100,7 +103,9 @@ def _write_torchscript(model, example, target: Path, opset: int, exporter: str) 
     print("moderncnn: warning: TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it",
           file=sys.stderr)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's own deprecation notice and tracer chatter: said above
+        # torch's own deprecation notice (said above) and the tracer's notes on Python values it records as constants
+        warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.jit.trace(model, example, check_trace=False).save(str(target))
 
 

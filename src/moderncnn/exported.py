@@ -59,7 +59,8 @@ def load_exported(path) -> Callable[[torch.Tensor], torch.Tensor]:
         return aoti_load_package(str(path))
     if fmt == "torchscript":
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: the export said it
+            # torch.jit.load's deprecation notice: the export said it
+            warnings.filterwarnings("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning)
             return torch.jit.load(str(path), map_location="cpu").eval()
     if fmt == "safetensors":
         return load_model(path)

@@ -262,7 +262,7 @@ def _open(entry: Path, cache: str, split_name: str, source: str, signature: str 
         tensor = torch.from_numpy(np.array(images))
     else:
         with warnings.catch_warnings():  # read-only by design: batches are gathered, never written
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
             tensor = torch.from_numpy(images)
     labels = torch.from_numpy(np.load(entry / "labels.npy"))
     return ImageDataset(tensor, labels, list(meta["classes"]), "imagefolder", split_name, source, storage=storage,

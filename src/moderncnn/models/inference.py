@@ -6,7 +6,10 @@
 * DenseNet blocks then run their no-grad path, which writes every layer's output into one
   preallocated block buffer instead of re-concatenating a growing list (see ``DenseBlock``);
 * DenseNet layers in eval mode apply BN1 as one multiply-add from the block buffer (no BatchNorm call);
-* optionally (``jit=True``) ``torch.jit.trace`` + ``torch.jit.freeze`` (+ oneDNN passes on the CPU).
+* bfloat16 weights and activations where the device computes bfloat16 natively (the probe of
+  :mod:`moderncnn.hardware`, the same one that training's ``--amp auto`` asks); logits come back in float32;
+* optionally (``compile=True``) ``torch.compile`` with inductor's freezing, which constant-folds the weights
+  and prepacks them for oneDNN. It costs a compilation on the first call of each new input shape.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["fold_batchnorm", "optimize_for_inference"]
+__all__ = ["PRECISIONS", "fold_batchnorm", "inference_dtype", "optimize_for_inference"]
 
 # (conv attribute, BN attribute) pairs where, in every moderncnn block that has them, the BN consumes the
 # convolution's output and nothing else does.
@@ -61,58 +64,87 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "off")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``optimize_for_inference`` computes in: ``auto`` is bfloat16 where ``device`` has it natively,
+    float32 (None) elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        from ..hardware import native_bf16
+        return torch.bfloat16 if native_bf16(device)[0] else None
+    return _DTYPES[precision]
+
+
 def optimize_for_inference(model: nn.Module, example: Optional[torch.Tensor] = None, channels_last: bool = True,
-                           jit: bool = False) -> nn.Module:
-    """A copy of ``model`` for fast evaluation; outputs equal the original's in eval mode (to ~1e-5).
+                           precision: str = "auto", compile: bool = False, jit: bool = False) -> nn.Module:
+    """A copy of ``model`` for fast evaluation, the original left untouched. In float32 its outputs equal the
+    original's in eval mode (to ~1e-5); in bfloat16 to bfloat16's precision (top-1 agrees).
 
     Args:
-        model: any moderncnn model (left untouched).
-        example: a sample input; needed for ``jit=True``, also used to warm up.
-        channels_last: convert weights (and expect inputs) to channels-last.
-        jit: trace and freeze the result (Python-free execution; on the CPU also oneDNN's inference
-            passes). The traced model accepts any batch size. Off by default: on the 2-core CPU we
-            measured it was no faster than the eager path and erratic in its first calls.
+        model: any moderncnn model.
+        example: a sample input, run once to warm up (and, with ``compile``, to compile).
+        channels_last: convert weights (and inputs) to channels-last.
+        precision: "auto" (bfloat16 where the device computes it natively, else float32), "bf16", "fp16" or
+            "off" (float32). The choice is kept as the result's ``precision`` attribute.
+        compile: ``torch.compile`` the folded model with inductor's freezing (needs a C++ compiler on the CPU).
+        jit: deprecated (TorchScript is deprecated in torch); means ``compile=True``.
     """
+    if jit:
+        import warnings
+        warnings.warn("optimize_for_inference(jit=True) is deprecated, as TorchScript is in torch: it now means "
+                      "compile=True (torch.compile with freezing)", FutureWarning, stacklevel=2)
+        compile = True
     fast = copy.deepcopy(model).eval()
     for p in fast.parameters():
         p.requires_grad_(False)
     fold_batchnorm(fast)
+    device = next(fast.parameters()).device
+    dtype = inference_dtype(precision, device)
+    if dtype is not None:
+        fast = fast.to(dtype)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    wrapped = _InferenceWrapper(fast, channels_last)
-    if jit:
-        if example is None:
-            raise ValueError("optimize_for_inference(jit=True) needs an example input")
-        import warnings
-        device = next(fast.parameters()).device
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
-            traced = torch.jit.trace(wrapped, example.to(device), check_trace=False)
-            frozen = torch.jit.freeze(traced.eval())
-            if device.type == "cpu":
-                frozen = torch.jit.optimize_for_inference(frozen)
-        return frozen
+    wrapped = _InferenceWrapper(fast, channels_last, dtype)
+    if compile:
+        wrapped.model = _compiled(fast, device)
     if example is not None:
-        with torch.no_grad():
-            wrapped(example)
+        wrapped(example.to(device))
     return wrapped
 
 
-class _InferenceWrapper(nn.Module):
-    """Runs the optimised model under ``torch.inference_mode`` with channels-last inputs; keeps the
-    attributes (model_name, classes, sizes) of the model it wraps."""
+def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    from ..hardware import cxx_compiler
+    if device.type == "cpu" and not cxx_compiler():
+        raise RuntimeError("optimize_for_inference(compile=True) needs a C++ compiler (g++ or clang++) on the "
+                           "CPU; none was found (set CXX, or leave compile off)")
+    # freezing: weights become constants that inductor folds and prepacks (inference only)
+    return torch.compile(model, options={"freezing": True})
 
-    def __init__(self, model: nn.Module, channels_last: bool):
+
+class _InferenceWrapper(nn.Module):
+    """Runs the optimised model under ``torch.inference_mode`` with channels-last inputs in its dtype, and
+    returns float32; keeps the attributes (model_name, classes, sizes) of the model it wraps."""
+
+    def __init__(self, model: nn.Module, channels_last: bool, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.model = model
         self.channels_last = channels_last
+        self.dtype = dtype
+        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
         for attr in ("model_name", "num_classes", "in_chans", "min_input_size", "default_input_size", "classes",
                      "preprocessing"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(not torch.jit.is_tracing()):
+        with torch.inference_mode():
+            if self.dtype is not None:
+                x = x.to(self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x)
+            out = self.model(x)
+            return out.float() if self.dtype is not None else out

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 from urllib.error import URLError
 
 import torch
@@ -36,29 +37,50 @@ def has_pretrained(name: str) -> bool:
     return name in _TORCHVISION
 
 
-def _weights(name: str):
+_TAG = re.compile(r"^(?:[A-Za-z0-9]+_Weights\.)?(?:DEFAULT|[A-Z0-9]+(?:_[A-Z0-9]+)+)$")
+
+
+def weights_tag(pretrained) -> Optional[str]:
+    """The torchvision weights that ``pretrained`` names ("DEFAULT", "IMAGENET1K_V2"), or None for a path.
+    ``True`` and torchvision's own enum members (``ResNet50_Weights.DEFAULT``) count as names."""
+    if pretrained is True:
+        return "DEFAULT"
+    if hasattr(pretrained, "url") and hasattr(pretrained, "transforms"):  # a torchvision WeightsEnum member
+        return pretrained.name
+    text = str(pretrained)
+    if _TAG.match(text) and not Path(text).exists():
+        return text.rsplit(".", 1)[-1]
+    return None
+
+
+def _weights(name: str, tag: str = "DEFAULT"):
     from torchvision.models import get_model_weights
-    return get_model_weights(_TORCHVISION[name]).DEFAULT
+    choices = get_model_weights(_TORCHVISION[name])
+    try:
+        return choices[tag]
+    except KeyError:
+        raise PretrainedError(f"{name} has no torchvision weights {tag!r}; it has: DEFAULT, "
+                              f"{', '.join(w.name for w in choices)}") from None
 
 
-def weights_url(name: str) -> str:
-    """Where torchvision publishes ``name``'s default ImageNet weights. ``$MODERNCNN_WEIGHTS_MIRROR``
-    replaces the host part (for a local mirror)."""
-    url = _weights(name).url
+def weights_url(name: str, tag: str = "DEFAULT") -> str:
+    """Where torchvision publishes ``name``'s ImageNet weights (``tag``: "DEFAULT" or a weights name).
+    ``$MODERNCNN_WEIGHTS_MIRROR`` replaces the host part (for a local mirror)."""
+    url = _weights(name, tag).url
     mirror = os.environ.get("MODERNCNN_WEIGHTS_MIRROR")
     if mirror:
         url = mirror.rstrip("/") + "/" + url.rsplit("/", 1)[1]
     return url
 
 
-def preprocessing(name: str) -> Dict:
+def preprocessing(name: str, tag: str = "DEFAULT") -> Dict:
     """The input pipeline the weights were trained with (resize, crop, mean, std)."""
-    t = _weights(name).transforms()
+    t = _weights(name, tag).transforms()
     return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]), "mean": list(t.mean), "std": list(t.std)}
 
 
-def _download(name: str) -> Dict[str, torch.Tensor]:
-    url = weights_url(name)
+def _download(name: str, tag: str = "DEFAULT") -> Dict[str, torch.Tensor]:
+    url = weights_url(name, tag)
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
@@ -125,17 +147,19 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
 
 def create_pretrained(name: str, build: Callable[..., nn.Module], pretrained, num_classes: int = 1000,
                       in_chans: int = 3, **kwargs) -> nn.Module:
-    """``build``'s model with ImageNet (``pretrained=True``) or local weights, adapted through the model
-    contract: a new classifier (``reset_classifier``) for another class count, and the first convolution
-    (``first_conv``) for another channel count."""
-    if pretrained is True:
+    """``build``'s model with ImageNet (``pretrained``: True or a torchvision weights name, see
+    :func:`weights_tag`) or local weights, adapted through the model contract: a new classifier
+    (``reset_classifier``) for another class count, and the first convolution (``first_conv``) for another
+    channel count."""
+    tag = weights_tag(pretrained)
+    if tag is not None:
         if not has_pretrained(name):
             raise PretrainedError(f"no ImageNet weights for {name}; models with weights: "
                                   f"{', '.join(sorted(_TORCHVISION))}")
         if name == "googlenet" and in_chans == 3:
             kwargs.setdefault("transform_input", True)  # as torchvision builds it for these weights
-        state = _download(name)
-        cfg = preprocessing(name)
+        state = _download(name, tag)
+        cfg = preprocessing(name, tag)
     else:
         state = _load_local(pretrained)
         cfg = None

@@ -5,7 +5,7 @@ import difflib
 import fnmatch
 import functools
 import inspect
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
@@ -43,13 +43,23 @@ def _ensure_registered() -> None:
     from . import alexnet, vgg, nin, googlenet, resnet, csp, densenet  # noqa: F401
 
 
-def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted.
+def _patterns(patterns: Union[str, Iterable[str]]) -> List[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns)
 
-    ``pretrained=True`` keeps only the models with ImageNet weights available through torchvision.
+
+def list_models(filter: Union[str, Iterable[str]] = "", exclude_filters: Union[str, Iterable[str]] = (),
+                pretrained: bool = False) -> List[str]:
+    """Registered model names, sorted, as timm's ``list_models`` takes its arguments.
+
+    Args:
+        filter: shell-style pattern(s), e.g. ``"densenet*"``; a name matching any is kept ("" keeps all).
+        exclude_filters: pattern(s) whose matches are left out, e.g. ``"*_d2l"``.
+        pretrained: keep only the models with ImageNet weights available through torchvision.
     """
     _ensure_registered()
-    names = sorted(n for n in _ENTRYPOINTS if fnmatch.fnmatchcase(n, pattern))
+    keep, drop = [p for p in _patterns(filter) if p], _patterns(exclude_filters)
+    names = sorted(n for n in _ENTRYPOINTS if (not keep or any(fnmatch.fnmatchcase(n, p) for p in keep))
+                   and not any(fnmatch.fnmatchcase(n, p) for p in drop if p))
     if pretrained:
         from .pretrained import has_pretrained
         names = [n for n in names if has_pretrained(n)]
@@ -70,20 +80,31 @@ def _default_argument(name: str, argument: str, fallback: int) -> int:
     return parameter.default
 
 
-def create_model(name: str, num_classes: Optional[int] = None, in_chans: Optional[int] = None, pretrained=False,
-                 **kwargs) -> nn.Module:
-    """Build a registered model.
+def create_model(name: str, pretrained=False, *, num_classes: Optional[int] = None, in_chans: Optional[int] = None,
+                 weights=None, **kwargs) -> nn.Module:
+    """Build a registered model, called as timm's ``create_model`` is (``pretrained`` second, the rest by keyword).
 
     Args:
         name: registered name, e.g. ``"densenet121"`` (see :func:`list_models`).
+        pretrained: ``True`` for torchvision's default ImageNet weights, a torchvision weights name
+            (``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``), or a path to local weights (a state dict,
+            a moderncnn checkpoint or a ``.safetensors`` file).
         num_classes: size of the classifier output; ``None`` keeps the model's own default (1000 for
             the ImageNet networks, 10 for the CIFAR and Fashion-MNIST ones).
         in_chans: number of input channels (1 for Fashion-MNIST/MNIST, 3 for RGB); ``None`` keeps the
             model's own default.
-        pretrained: ``True`` for torchvision's ImageNet weights, or a path to a local state dict.
+        weights: torchvision's spelling of ``pretrained``: ``"DEFAULT"``, a weights name or enum member
+            (``ResNet50_Weights.DEFAULT``), or a path.
         **kwargs: passed to the model's constructor (``small_input``, ``drop_rate``, ...).
     """
     _ensure_registered()
+    if isinstance(pretrained, int) and not isinstance(pretrained, bool):
+        raise TypeError(f"create_model({name!r}, {pretrained}): the second argument is pretrained (timm's order); "
+                        f"pass num_classes={pretrained}")
+    if weights is not None:
+        if pretrained is not False:
+            raise TypeError("create_model takes pretrained= or weights= (torchvision's word for it), not both")
+        pretrained = weights
     if name not in _ENTRYPOINTS:
         close = difflib.get_close_matches(name, list(_ENTRYPOINTS), n=5, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

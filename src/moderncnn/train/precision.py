@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
+from .. import hardware
+from ..hardware import cpu_bf16_feature, cpu_has_native_bf16, cuda_capability
 from ..runs import AMP_CHOICES, ModerncnnWarning, UsageError, normalize_amp
 from .config import FP32_PRECISIONS
 
@@ -22,25 +24,6 @@ __all__ = ["AMP_CHOICES", "FP32_PRECISIONS", "Precision", "resolve_precision", "
            "cpu_has_native_bf16", "cuda_capability", "make_grad_scaler", "ScaledBackward", "apply_fp32_precision"]
 
 _NAMES = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast + GradScaler"}
-
-
-def cpu_bf16_feature() -> Optional[str]:
-    """The CPU feature that computes bfloat16 natively ("AMX" or "AVX512-BF16"), or None where oneDNN would
-    emulate it (slower than fp32)."""
-    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))  # torch >= 2.3
-    for name, probe in checks:
-        if getattr(torch.cpu, probe, lambda: False)():
-            return name
-    return None
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
-    return cpu_bf16_feature() is not None
-
-
-def cuda_capability(device: torch.device) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
 
 
 @dataclass(frozen=True)
@@ -69,27 +52,11 @@ class Precision:
         return torch.autocast(device_type, dtype=self.dtype)
 
 
-def _native_bf16(device: torch.device) -> Tuple[bool, str]:
-    """(whether ``device`` computes bfloat16 natively, the fact that says so)."""
-    if device.type == "cuda":
-        major, minor = cuda_capability(device)
-        # torch.cuda.is_bf16_supported() also says yes where bfloat16 is only emulated (T4, V100).
-        if major >= 8:
-            return True, f"the GPU has compute capability {major}.{minor}"
-        return False, f"the GPU has compute capability {major}.{minor}, below 8.0"
-    if device.type == "cpu":
-        feature = cpu_bf16_feature()
-        if feature:
-            return True, f"the CPU has {feature}"
-        return False, "this CPU has no native bfloat16"
-    return False, f"{device.type} is not chosen for bfloat16 automatically"
-
-
 def resolve_precision(amp: Union[bool, str, None], device: torch.device, warn: bool = True) -> Precision:
     """The run's precision on ``device`` from ``--amp`` (see the module docstring)."""
     requested = normalize_amp(amp)
     device = torch.device(device)
-    native, why = _native_bf16(device)
+    native, why = hardware.native_bf16(device)
     if requested == "off":
         return Precision(None, False, "--amp off", requested)
     if requested == "fp16":
