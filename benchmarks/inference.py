@@ -1,6 +1,6 @@
 """Inference throughput of ``optimize_for_inference`` against torchvision's ``eval()``, lever by lever.
 
-    python benchmarks/inference.py [--model densenet121] [--input 1x96x96] [--batch 128] [--rounds 3]
+    python benchmarks/inference.py [--model densenet121] [--input 1x96x96] [--batch-size 128] [--rounds 3]
                                    [--steps 4] [--no-compile] [--json out.json]
 
 Every configuration runs in a fresh process (as `moderncnn bench` measures), the rounds interleave the
@@ -47,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="densenet121")
     p.add_argument("--input", default="1x96x96", type=_parse_size)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")

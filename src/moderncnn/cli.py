@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .runs import ModerncnnWarning, TrainConfig, UsageError
@@ -79,28 +80,55 @@ def _special_flags(p, name: str, help: str) -> bool:
     return True
 
 
+# `train --help` in groups; a field not named here goes to "run control".
+_TRAIN_GROUPS = {
+    "model": ("model", "model_kwargs", "init", "pretrained", "freeze_backbone", "head_lr_mult", "sync_bn"),
+    "data": ("dataset", "data_dir", "download", "image_size", "augment", "rrc_scale", "normalize", "subset",
+             "val_split", "val_fraction", "resize", "data_cache", "cache_dir", "decode_workers", "strict_data",
+             "progressive_size", "progressive_fraction"),
+    "optimisation": ("batch_size", "lr", "optimizer", "muon_lr", "momentum", "muon_momentum", "muon_normalize",
+                     "bias_lr", "first_conv_bias_epochs", "weight_decay", "label_smoothing", "ema", "grad_clip"),
+    "schedule": ("epochs", "schedule", "warmup", "budget", "eval_every", "tta"),
+    "precision": ("amp", "fp32_precision", "channels_last", "compile", "device"),
+    "output": ("out", "name", "progress", "quiet", "tensorboard"),
+}
+
+
+def _train_groups(p: argparse.ArgumentParser) -> Dict[str, Any]:
+    """field name -> the argument group its flag is listed in."""
+    groups = {title: p.add_argument_group(title) for title in (*_TRAIN_GROUPS, "run control")}
+    placed = {name: groups[title] for title, names in _TRAIN_GROUPS.items() for name in names}
+    return {f.name: placed.get(f.name, groups["run control"]) for f in dataclasses.fields(TrainConfig)} | {
+        "config": groups["run control"]}
+
+
 def add_train_arguments(p: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) -> None:
     """One flag per :class:`TrainConfig` field (default None: the recipe decides), with its help and the
-    default it resolves to."""
+    default it resolves to, listed in groups."""
     from .data.folder import CACHE_MODES, RESIZE_MODES
     from .train.config import FP32_PRECISIONS, INITS, OPTIMIZERS, SCHEDULES
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS, "resize": RESIZE_MODES,
                "data_cache": CACHE_MODES, "fp32_precision": FP32_PRECISIONS}
     kinds = {"int": int, "float": float, "str": str}
     defaults = _shown_defaults()
+    group_of = _train_groups(p)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        help = f"{f.metadata['help']} (default: {defaults[f.name]})".replace("%", "%%")
-        if _special_flags(p, f.name, help):
+        g = group_of[f.name]
+        help = f.metadata["help"]
+        if "(default" not in help:  # a help that states its own default keeps it
+            help = f"{help} (default: {defaults[f.name]})"
+        help = help.replace("%", "%%")
+        if _special_flags(g, f.name, help):
             continue
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         if kind == "bool":
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
+            g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
         else:
-            p.add_argument(_flag(f.name), type=kinds.get(kind, str), choices=choices.get(f.name), default=None,
+            g.add_argument(_flag(f.name), type=kinds.get(kind, str), choices=choices.get(f.name), default=None,
                            help=help)
-    p.add_argument("--config", default=None, metavar="FILE",
+    group_of["config"].add_argument("--config", default=None, metavar="FILE",
                    help="replay a run's config.json, or read a recipe JSON file of training options; flags given "
                         "here win (default: none)")
 
@@ -178,9 +206,11 @@ def _summary_arguments(p):
     p.add_argument("model", help="registered model name (see moderncnn models)")
     p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default: 1x96x96)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=1,
+                   help="batch size (--batch is the old spelling) (default: 1)")
     p.add_argument("--depth", type=int, default=None, help="nesting depth to list, 1: block by block (default: all)")
     p.add_argument("--small-input", action="store_true", help="build the small-image (CIFAR) stem (default: off)")
+    _json_flag(p, "one JSON object on stdout: totals and one entry per layer (default: a table)")
 
 
 def cmd_summary(args) -> int:
@@ -193,18 +223,39 @@ def cmd_summary(args) -> int:
         raise UsageError(f"--input must be CxHxW (e.g. 1x96x96), got {'x'.join(map(str, size))}")
     kwargs = {"small_input": True} if args.small_input else {}
     model = create_model(args.model, num_classes=args.classes, in_chans=size[0], **kwargs)
-    print(summary(model, (args.batch, *size), depth=args.depth))
+    result = summary(model, (args.batch_size, *size), depth=args.depth)
+    if args.json:
+        _json_line({"model": result.model_name, "input_size": list(result.input_size),
+                    "output_shape": list(result.output_shape), "params": result.total_params,
+                    "trainable_params": result.trainable_params, "flops": result.total_flops,
+                    "activation_bytes": result.activation_bytes, "layers": result.as_rows()})
+        return 0
+    print(result)
     return 0
+
+
+def _json_flag(p, help: str) -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
+def _train_arguments(p):
+    add_train_arguments(p)
+    _json_flag(p, "at the end, one JSON object on stdout: run_dir, test and validation accuracy, epochs, "
+                  "training seconds (default: the report's lines only)")
 
 
 def cmd_train(args) -> int:
     from .train import TrainingInterrupted, train
     values, explicit = config_from_args(args)
     try:
-        train(TrainConfig.from_dict(values), explicit=explicit)
+        result = train(TrainConfig.from_dict(values), explicit=explicit)
     except TrainingInterrupted as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code
+    if getattr(args, "json", False):
+        _json_line({"run_dir": str(result.run_dir), "test_acc": result.final_acc, "val_acc": result.val_acc,
+                    "chosen_epoch": result.chosen_epoch, "epochs": len(result.history),
+                    "train_seconds": result.train_seconds, "params": result.params, "flops": result.flops})
     return 0
 
 
@@ -266,6 +317,7 @@ def _compare_arguments(p):
     p.add_argument("--out", default="runs", help="parent directory of the comparison (default: runs)")
     p.add_argument("--name", default=None, help="comparison directory name (default: time-compare-dataset)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _json_flag(p, "at the end, one JSON object on stdout: the comparison directory and its report")
 
 
 def cmd_compare(args) -> int:
@@ -273,7 +325,9 @@ def cmd_compare(args) -> int:
     values, _ = config_from_args(args)
     for own in ("out", "name", "progress"):  # the comparison's, not its runs'
         values.pop(own, None)
-    compare(args.models.split(","), out=args.out, name=args.name, progress=args.progress, **values)
+    folder = compare(args.models.split(","), out=args.out, name=args.name, progress=args.progress, **values)
+    if args.json:
+        _json_line({"comparison_dir": str(folder), "report": str(Path(folder) / "report.md")})
     return 0
 
 
@@ -281,22 +335,36 @@ def _bench_arguments(p):
     p.add_argument("--models", default="densenet121,densenet_bc_100,resnet18",
                    help="(default: densenet121,densenet_bc_100,resnet18)")
     p.add_argument("--input", type=_parse_size, default=(1, 96, 96), help="CxHxW (default: 1x96x96)")
-    p.add_argument("--batch", type=int, default=64, help="training batch (default: 64)")
-    p.add_argument("--eval-batch", type=int, default=128, help="(default: 128)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=64,
+                   help="training batch (--batch is the old spelling) (default: 64)")
+    p.add_argument("--eval-batch-size", "--eval-batch", dest="eval_batch_size", type=int, default=128,
+                   help="inference batch (--eval-batch is the old spelling) (default: 128)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (default: 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per configuration; the fastest counts "
                                                             "(default: 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="run both implementations under this autocast (fp16 with a GradScaler), each configuration "
-                        "also in float32 for a 'vs fp32' column (default: float32 only)")
+    p.add_argument("--amp", nargs="?", const="auto", default="off", type=_amp_choice,
+                   metavar="{auto,bf16,fp16,off}",
+                   help="run both implementations under this autocast (fp16 with a GradScaler; auto: bf16 where "
+                        "the device has it natively, as train decides), each configuration also in float32 for a "
+                        "'vs fp32' column (default: off, float32 only)")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="float32 only (--amp off)")
     p.add_argument("--channels-last", action="store_true", help="(default: off)")
+    _json_flag(p, "one JSON array on stdout: every configuration's measurement; the tables go to stderr "
+                  "(default: tables on stdout)")
 
 
 def cmd_bench(args) -> int:
     from .bench import run_benchmark
-    run_benchmark(args.models.split(","), args.input, args.batch, args.device, args.steps, args.eval_batch,
-                  args.amp or "off", args.channels_last, repeats=args.repeats)
+    from .hardware import native_bf16
+    amp = args.amp
+    if amp == "auto":
+        amp = "bf16" if native_bf16(args.device)[0] else "off"
+    rows = run_benchmark(args.models.split(","), args.input, args.batch_size, args.device, args.steps,
+                         args.eval_batch_size, amp, args.channels_last, repeats=args.repeats,
+                         out=(lambda text: print(text, file=sys.stderr)) if args.json else print)
+    if args.json:
+        _json_line(rows)
     return 0
 
 
@@ -314,22 +382,27 @@ def _export_arguments(p):
     p.add_argument("--onnx-exporter", choices=list(ONNX_EXPORTERS), default="dynamo",
                    help="dynamo (torch.onnx.export(dynamo=True)), or the legacy TorchScript-based exporter, "
                         "also used where the dynamo one is missing (default: dynamo)")
+    _json_flag(p, "one JSON object on stdout: the file written, its format and its preprocessing JSON")
 
 
 def cmd_export(args) -> int:
     from .export import export, meta_path
     path = export(args.source, args.format, args.output, args.opset, args.onnx_exporter)
+    if args.json:
+        _json_line({"path": str(path), "format": args.format, "meta": str(meta_path(path))})
+        return 0
     print(f"wrote {path} and {meta_path(path)}")
     return 0
 
 
 def _lr_find_arguments(p):
-    add_train_arguments(p, skip=("resume", "budget", "progress", "quiet"))
+    add_train_arguments(p, skip=("resume", "budget", "quiet"))
     p.add_argument("--steps", type=int, default=100, help="steps of the sweep (default: 100)")
     p.add_argument("--start-lr", type=float, default=1e-6, help="(default: 1e-06)")
     p.add_argument("--end-lr", type=float, default=10.0, help="(default: 10.0)")
     for flag in ("--resume", "--budget"):  # refused with one line, not an argparse usage message
         p.add_argument(flag, dest=f"refused_{flag[2:]}", default=None, help=argparse.SUPPRESS)
+    _json_flag(p, "one JSON object on stdout: the suggestion, the sweep's rates and losses, the plot")
 
 
 def cmd_lr_find(args) -> int:
@@ -340,6 +413,11 @@ def cmd_lr_find(args) -> int:
     values, explicit = config_from_args(args)
     result = lr_find(TrainConfig.from_dict(values), explicit, steps=args.steps, start_lr=args.start_lr,
                      end_lr=args.end_lr)
+    if args.json:
+        _json_line({"suggestion": result.suggestion, "min_loss_lr": result.min_loss_lr, "steepest": result.steepest,
+                    "lrs": result.lrs, "losses": result.losses, "smoothed": result.smoothed,
+                    "plot": str(result.run_dir / "lr_find.png")})
+        return 0
     print(f"suggested learning rate: {result.suggestion:.3g} (a tenth of {result.min_loss_lr:.3g}, where the "
           f"smoothed loss is lowest; steepest descent at {result.steepest:.3g}); plot: "
           f"{result.run_dir / 'lr_find.png'}")
@@ -348,11 +426,16 @@ def cmd_lr_find(args) -> int:
 
 def _report_arguments(p):
     p.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+    _json_flag(p, "one JSON object on stdout: the report written")
 
 
 def cmd_report(args) -> int:
     from .report.run import write_run_report
-    print(f"wrote {write_run_report(args.run)}")
+    path = write_run_report(args.run)
+    if args.json:
+        _json_line({"report": str(path)})
+        return 0
+    print(f"wrote {path}")
     return 0
 
 
@@ -360,7 +443,7 @@ def cmd_report(args) -> int:
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
     "models": ("list the registered models with parameter counts", _models_arguments, cmd_models),
     "summary": ("layer-by-layer shapes, parameters, FLOPs and activation memory", _summary_arguments, cmd_summary),
-    "train": ("train a model (default: a small DenseNet-BC on Fashion-MNIST)", add_train_arguments, cmd_train),
+    "train": ("train a model (default: a small DenseNet-BC on Fashion-MNIST)", _train_arguments, cmd_train),
     "eval": ("test accuracy of a trained run or checkpoint", _eval_arguments, cmd_eval),
     "predict": ("top-k classes for image files", _predict_arguments, cmd_predict),
     "report": ("rebuild a run's report.md and plots from its files", _report_arguments, cmd_report),
