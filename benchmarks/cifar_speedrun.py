@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from moderncnn.runs import load_run
-from moderncnn.train.budget import parse_budget
+from moderncnn.training.budget import parse_budget
 
 
 def cpu_model() -> str:

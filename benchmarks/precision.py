@@ -22,7 +22,7 @@ from torch import nn
 
 import moderncnn
 from moderncnn.bench import make_step as bench_step
-from moderncnn.train.precision import cpu_bf16_feature
+from moderncnn.training.precision import cpu_bf16_feature
 
 # name -> (input C x H x W, batch, constructor arguments), as the precision table measures them
 MODELS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 import moderncnn.data
-from moderncnn.train import Callback
+from moderncnn.training import Callback
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):

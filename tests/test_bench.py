@@ -51,7 +51,7 @@ def test_memory_is_measured_pinned_and_as_run_in_fresh_processes():
 
 def test_pinning_glibc_mmap_threshold():
     import platform
-    from moderncnn.train.malloc import pin_mmap_threshold
+    from moderncnn.training.malloc import pin_mmap_threshold
     assert pin_mmap_threshold() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from moderncnn.train import TrainConfig, load_checkpoint, train
-from moderncnn.train.budget import TTA_VIEWS, EpochPlanner, parse_budget
+from moderncnn.training import TrainConfig, load_checkpoint, train
+from moderncnn.training.budget import TTA_VIEWS, EpochPlanner, parse_budget
 from moderncnn.cli import build_parser, config_from_args
 from moderncnn.runs import EpochRecord
-from moderncnn.train.config import BUDGET_MAX_EPOCHS, resolve_config
+from moderncnn.training.config import BUDGET_MAX_EPOCHS, resolve_config
 
 from helpers import make_mnist
 from test_distributed import _free_port
@@ -85,7 +85,7 @@ def test_plan_prices_only_the_evaluations_eval_every_runs():
 
 
 def test_tta_view_counts_match_the_views_evaluated():
-    from moderncnn.train.loop import tta_views
+    from moderncnn.training.loop import tta_views
     for level, views in TTA_VIEWS.items():
         assert len(tta_views(torch.zeros(1, 1, 4, 4), level)) == views
 

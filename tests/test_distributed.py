@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from moderncnn.train import load_checkpoint
+from moderncnn.training import load_checkpoint
 
 from helpers import make_mnist
 

@@ -7,8 +7,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import moderncnn
-from moderncnn.train.config import train_side
-from moderncnn.train.optim import ema_warmup_fn
+from moderncnn.training.config import train_side
+from moderncnn.training.optim import ema_warmup_fn
 
 from helpers import make_mnist
 
@@ -50,7 +50,7 @@ def test_progressive_sides_grow_in_four_pixel_steps_to_the_full_size():
     assert [train_side(e, 4, 32, 40, 0.7) for e in range(4)] == [32] * 4  # never above the full size
 
 
-class RecordInputSides(moderncnn.train.Callback):
+class RecordInputSides(moderncnn.Callback):
     """(training?, side) of every batch the trained and the evaluated model see."""
 
     def __init__(self):
@@ -91,7 +91,7 @@ def test_progressive_size_below_the_models_minimum_is_refused(tmp_path):
 
 
 def test_resume_of_a_checkpoint_from_before_progressive_resizing(tmp_path):
-    from moderncnn.train import load_checkpoint
+    from moderncnn.training import load_checkpoint
     from moderncnn.checkpoint import save_checkpoint
     data = make_mnist(tmp_path / "data", n_train=128, n_test=32, learnable=True)
     moderncnn.train(dataset="mnist", data_dir=str(data), epochs=1, batch_size=64, out=str(tmp_path), name="run",

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import moderncnn
-from moderncnn.train import TrainConfig, resolve_config
-from moderncnn.train.optim import Muon, build_optimizer, build_scheduler, orthogonalize
+from moderncnn.training import TrainConfig, resolve_config
+from moderncnn.training.optim import Muon, build_optimizer, build_scheduler, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(16, 64, 3, 3), (64, 200, 1, 1), (300, 20), (8, 8)])
@@ -53,7 +53,7 @@ def test_orthogonalize_batches_different_widths_exactly():
 def test_muon_steps_banks_of_one_output_width_as_if_alone():
     """Convolutions with the same outputs and different inputs, stepped together (in batches of similar
     widths), move exactly as each does in an optimizer of its own (tall ones scaled too)."""
-    from moderncnn.train.optim import _width_batches
+    from moderncnn.training.optim import _width_batches
     torch.manual_seed(3)
     weights = [torch.randn(32, 2, 1, 1), torch.randn(32, 3, 1, 1), torch.randn(32, 40, 1, 1), torch.randn(32, 64, 1, 1),
                torch.randn(32, 16, 3, 3)]

@@ -12,9 +12,9 @@ from torch import nn
 
 import moderncnn
 from moderncnn.runs import TrainConfig, normalize_amp
-from moderncnn.train import NonFiniteLossError, TrainingInterrupted, load_checkpoint, resolve_config
+from moderncnn.training import NonFiniteLossError, TrainingInterrupted, load_checkpoint, resolve_config
 from moderncnn import hardware
-from moderncnn.train.precision import ScaledBackward, apply_fp32_precision, resolve_precision
+from moderncnn.training.precision import ScaledBackward, apply_fp32_precision, resolve_precision
 
 from helpers import CtrlCAtStep, make_mnist, tiny
 
@@ -97,7 +97,7 @@ def test_amp_flag_forms():
 
 
 def test_recipes_default_to_auto_or_say_why_not():
-    from moderncnn.train.config import RECIPES
+    from moderncnn.training.config import RECIPES
     assert resolve_config(TrainConfig()).amp == "auto"  # the default run
     for name in ("cifar10", "cifar10-speedrun", "cifar10-gpu", "fmnist-best-gpu"):
         assert resolve_config(TrainConfig(recipe=name)).amp == "auto", name
@@ -169,7 +169,7 @@ def test_fp16_mid_epoch_resume_is_exact(data_dir, tmp_path):
 
 def test_skipped_steps_are_counted_not_fatal(data_dir, tmp_path, monkeypatch):
     # A scale far too large: the first steps overflow until the scaler has halved it enough.
-    from moderncnn.train import setup as train_setup
+    from moderncnn.training import setup as train_setup
     monkeypatch.setattr(train_setup, "make_grad_scaler",
                         lambda chosen, device: torch.amp.GradScaler("cpu", init_scale=2.0 ** 24))
     result = moderncnn.train(**tiny(data_dir, tmp_path, epochs=2, **FP16))
@@ -224,7 +224,7 @@ def test_bfloat16_run_records_why(data_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_evaluation_under_autocast_agrees_with_float32(data_dir, tmp_path, dtype):
     from moderncnn.data import Loader, load_dataset
-    from moderncnn.train.loop import evaluate
+    from moderncnn.training.loop import evaluate
     moderncnn.train(**tiny(data_dir, tmp_path, epochs=2, amp="off"))
     model = moderncnn.load_model(tmp_path / "run")
     test = load_dataset("mnist", root=str(data_dir), split="test")
@@ -278,7 +278,7 @@ def test_two_gloo_processes_train_in_fp16(tmp_path):
                     "is not installed")
 def test_the_default_runs_predictions_agree_under_bfloat16(tmp_path):
     from moderncnn.data import Loader, load_dataset
-    from moderncnn.train.loop import evaluate
+    from moderncnn.training.loop import evaluate
     moderncnn.train(epochs=1, amp="off", out=str(tmp_path), name="run", progress=False, quiet=True)
     model = moderncnn.load_model(tmp_path / "run").to(memory_format=torch.channels_last)
     test = load_dataset("fashion-mnist", split="test")

@@ -16,8 +16,8 @@ from PIL import Image
 import moderncnn
 from moderncnn.runlock import RunLockedError, lock_run_dir, remove_stale_temporaries
 from moderncnn.runs import RunFileError, load_run
-from moderncnn.train import TrainingInterrupted, load_checkpoint
-from moderncnn.train import callbacks as train_callbacks
+from moderncnn.training import TrainingInterrupted, load_checkpoint
+from moderncnn.training import callbacks as train_callbacks
 
 from helpers import make_mnist, tiny
 

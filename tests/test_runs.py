@@ -16,7 +16,7 @@ from moderncnn.cli import build_parser, main
 from moderncnn.data import DatasetError, ImageDataset
 from moderncnn.runs import (FORMAT_VERSION, METRIC_FIELDS, RunFormatError, TrainConfig, load_run,
                             resolve_checkpoint)
-from moderncnn.train import Callback, NonFiniteLossError, resolve_config
+from moderncnn.training import Callback, NonFiniteLossError, resolve_config
 
 from helpers import make_mnist
 

@@ -10,9 +10,9 @@ from torch import nn
 
 import moderncnn
 from moderncnn.models.vgg import AirbenchVGG
-from moderncnn.train.budget import TrainingPlan
-from moderncnn.train.config import resolve_config
-from moderncnn.train.optim import LRSchedule, Muon, build_optimizer
+from moderncnn.training.budget import TrainingPlan
+from moderncnn.training.config import resolve_config
+from moderncnn.training.optim import LRSchedule, Muon, build_optimizer
 from moderncnn.runs import TrainConfig, load_model
 
 sys.path.insert(0, str(Path(__file__).parent))

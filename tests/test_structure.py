@@ -11,7 +11,7 @@ MAX_FUNCTION_LINES = 80
 
 # The layers of DESIGN.md, lowest first: a module may import its own part or a lower layer, never a higher one.
 # models and data share the lowest layer and import neither each other nor anything above.
-LAYERS = {"hardware": -1, "models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "train": 4,
+LAYERS = {"hardware": -1, "models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "training": 4,
           "predict": 5, "compare": 5, "bench": 5, "export": 5, "cli": 6, "__main__": 7}
 
 
@@ -76,9 +76,9 @@ def test_imports_run_one_way():
 def test_the_layer_checker_sees_a_wrong_import(tmp_path):
     bad = tmp_path / "report" / "bad.py"
     bad.parent.mkdir()
-    bad.write_text("from ..train import train\nimport moderncnn.cli\n")
+    bad.write_text("from ..training import train\nimport moderncnn.cli\n")
     found = list(_imported_parts(bad, ("report", "bad")))
-    assert [t for t, _ in found] == ["train", "cli"]
+    assert [t for t, _ in found] == ["training", "cli"]
 
 
 def test_only_main_imports_the_cli():
@@ -88,10 +88,10 @@ def test_only_main_imports_the_cli():
 
 
 @pytest.mark.parametrize("statement,absent", [
-    ("import moderncnn.models", ["moderncnn.train", "moderncnn.data", "moderncnn.report", "moderncnn.cli"]),
-    ("import moderncnn; moderncnn.create_model('resnet18', num_classes=3)", ["moderncnn.train", "moderncnn.cli"]),
-    ("import moderncnn.data", ["moderncnn.train", "moderncnn.models"]),
-    ("import moderncnn.report.run", ["moderncnn.train"]),
+    ("import moderncnn.models", ["moderncnn.training", "moderncnn.data", "moderncnn.report", "moderncnn.cli"]),
+    ("import moderncnn; moderncnn.create_model('resnet18', num_classes=3)", ["moderncnn.training", "moderncnn.cli"]),
+    ("import moderncnn.data", ["moderncnn.training", "moderncnn.models"]),
+    ("import moderncnn.report.run", ["moderncnn.training"]),
 ])
 def test_imports_load_only_what_they_need(statement, absent):
     code = f"import sys; {statement}; print([m for m in {absent!r} if m in sys.modules])"
@@ -100,11 +100,23 @@ def test_imports_load_only_what_they_need(statement, absent):
     assert out.stdout.strip() == "[]"
 
 
-def test_train_is_both_the_function_and_the_package():
+def test_train_is_a_plain_function_whose_keywords_are_the_config_fields():
+    import dataclasses
+    import inspect
+    import pydoc
+    import types
+
     import moderncnn
-    import moderncnn.train.callbacks  # importing a submodule must not turn moderncnn.train into a plain module
-    assert callable(moderncnn.train) and moderncnn.train.Callback is moderncnn.train.callbacks.Callback
-    assert moderncnn.Callback is moderncnn.train.Callback
+    import moderncnn.training.callbacks  # importing the package does not replace the function
+    from moderncnn.runs import TrainConfig
+    assert isinstance(moderncnn.train, types.FunctionType)
+    parameters = inspect.signature(moderncnn.train).parameters
+    keywords = [p.name for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keywords == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert list(parameters)[:3] == ["config", "explicit", "callbacks"]
+    assert all(p.default is None for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    assert "train(config=None" in pydoc.render_doc(moderncnn, renderer=pydoc.plaintext)
+    assert moderncnn.Callback is moderncnn.training.callbacks.Callback
 
 
 def _warn_from(module: str, category: str) -> None:

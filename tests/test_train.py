@@ -15,7 +15,7 @@ from PIL import Image
 import moderncnn
 from moderncnn.checkpoint import save_checkpoint
 from moderncnn.runs import METRIC_FIELDS, load_model_state
-from moderncnn.train import (Callback, CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
+from moderncnn.training import (Callback, CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
                              load_checkpoint, resolve_config)
 
 from helpers import CtrlCAtStep, make_mnist, tiny
@@ -113,7 +113,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(data_dir, tmp_path, monke
 
 
 def test_a_signal_during_evaluation_stops_the_run_at_the_epochs_end(data_dir, tmp_path, monkeypatch):
-    import moderncnn.train.loop as loop
+    import moderncnn.training.loop as loop
 
     real_evaluate, calls = loop.evaluate, []
 
@@ -338,7 +338,7 @@ def test_recipe_model_arguments_belong_to_the_recipes_model():
 
 
 def test_weight_decay_skips_norms_and_biases():
-    from moderncnn.train.optim import param_groups
+    from moderncnn.training.optim import param_groups
     model = moderncnn.create_model("resnet18_wrc", num_classes=3, in_chans=1)
     groups = param_groups(model, 0.1)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import moderncnn
-from moderncnn.train import TrainConfig, resolve_config
-from moderncnn.train.init import whiten_first_conv
-from moderncnn.train.loop import evaluate, tta_logits, tta_views
+from moderncnn.training import TrainConfig, resolve_config
+from moderncnn.training.init import whiten_first_conv
+from moderncnn.training.loop import evaluate, tta_logits, tta_views
 
 from helpers import make_mnist
 

@@ -72,7 +72,7 @@ def test_importing_moderncnn_leaves_the_matplotlib_backend_alone(trained):
     code = textwrap.dedent(f"""
         import matplotlib
         matplotlib.use("svg")
-        import moderncnn, moderncnn.report.run, moderncnn.compare, moderncnn.train.callbacks
+        import moderncnn, moderncnn.report.run, moderncnn.compare, moderncnn.training.callbacks
         moderncnn.report.run.write_run_report({str(trained)!r})
         print(matplotlib.get_backend())
     """)
@@ -84,7 +84,7 @@ def test_importing_moderncnn_leaves_the_matplotlib_backend_alone(trained):
 def test_live_curves_draw_once_per_evaluation_in_place(data_dir, tmp_path, monkeypatch):
     pytest.importorskip("IPython")
     import IPython.display
-    from moderncnn.train.notebook import LiveCurves
+    from moderncnn.training.notebook import LiveCurves
     calls = []
 
     class Handle:

@@ -94,7 +94,7 @@ def make_step(impl: str, name: str, mode: str, input_size: Sequence[int], batch:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in training (which sets it too)
     if dev.type == "cpu" and impl == "moderncnn" and mode == "train_me":
-        from .train.malloc import pin_mmap_threshold
+        from .training.malloc import pin_mmap_threshold
         pin_mmap_threshold()  # as `moderncnn train --memory-efficient` does
     torch.manual_seed(0)
     c = input_size[0]

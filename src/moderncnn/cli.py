@@ -28,7 +28,7 @@ def _parse_size(text: str):
 
 
 def _budget(text: str) -> float:
-    from .train.budget import parse_budget
+    from .training.budget import parse_budget
     try:
         return parse_budget(text)
     except ValueError as e:
@@ -49,7 +49,7 @@ def _flag(name: str) -> str:
 
 def _shown_defaults() -> Dict[str, str]:
     """Each train flag's default as the help shows it: the value the default recipe resolves to."""
-    from .train.config import RECIPES, resolve_config
+    from .training.config import RECIPES, resolve_config
     resolved = resolve_config(TrainConfig())
     shown = {}
     for f in dataclasses.fields(TrainConfig):
@@ -106,7 +106,7 @@ def add_train_arguments(p: argparse.ArgumentParser, skip: Tuple[str, ...] = ()) 
     """One flag per :class:`TrainConfig` field (default None: the recipe decides), with its help and the
     default it resolves to, listed in groups."""
     from .data.folder import CACHE_MODES, RESIZE_MODES
-    from .train.config import FP32_PRECISIONS, INITS, OPTIMIZERS, SCHEDULES
+    from .training.config import FP32_PRECISIONS, INITS, OPTIMIZERS, SCHEDULES
     choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "init": INITS, "resize": RESIZE_MODES,
                "data_cache": CACHE_MODES, "fp32_precision": FP32_PRECISIONS}
     kinds = {"int": int, "float": float, "str": str}
@@ -150,7 +150,7 @@ def parse_model_args(items) -> dict:
 
 def config_from_args(args) -> Tuple[Dict[str, Any], Set[str]]:
     """(training options, the fields the user set): ``--config`` FILE's options, then the flags given."""
-    from .train.config import load_config_file
+    from .training.config import load_config_file
     values: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
@@ -245,7 +245,7 @@ def _train_arguments(p):
 
 
 def cmd_train(args) -> int:
-    from .train import TrainingInterrupted, train
+    from .training import TrainingInterrupted, train
     values, explicit = config_from_args(args)
     try:
         result = train(TrainConfig.from_dict(values), explicit=explicit)
@@ -406,7 +406,7 @@ def _lr_find_arguments(p):
 
 
 def cmd_lr_find(args) -> int:
-    from .train.lr_find import lr_find
+    from .training.lr_find import lr_find
     for flag in ("resume", "budget"):
         if getattr(args, f"refused_{flag}") is not None:
             raise UsageError(f"lr-find sweeps a fixed number of steps from the initial weights: it takes no --{flag}")

@@ -22,7 +22,7 @@ from .models import create_model, is_model
 from .report.plots import plot_comparison_curves, plot_tradeoff
 from .report.summary import human
 from .runs import Run, RunFileError, TrainConfig, load_run, read_json_file, run_name
-from .train.budget import parse_budget
+from .training.budget import parse_budget
 
 __all__ = ["compare", "parse_budget", "write_comparison_report"]
 

@@ -58,8 +58,8 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
     """Test loss and accuracy of a run (the checkpoint it evaluates with) or a checkpoint file, on its own
     dataset's test split or on ``dataset`` / ``data_dir``, preprocessed as in training."""
     from .data import Loader, load_dataset
-    from .train.loop import evaluate
-    from .train.setup import pick_device
+    from .training.loop import evaluate
+    from .training.setup import pick_device
     device = pick_device(device)
     if _exported(source):
         path, (spec, config, model) = Path(source), _exported_for_evaluation(Path(source))
@@ -91,7 +91,7 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
 
 
 class _ExportedModel(torch.nn.Module):
-    """An exported model's function as a module that :func:`~moderncnn.train.loop.evaluate` can score."""
+    """An exported model's function as a module that :func:`~moderncnn.training.loop.evaluate` can score."""
 
     def __init__(self, path: Path, fmt: str):
         super().__init__()

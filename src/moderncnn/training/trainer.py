@@ -202,7 +202,7 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
 
     ``moderncnn.train(model="resnet18", dataset="cifar10", epochs=5)`` or ``train(TrainConfig(...))``.
     ``explicit`` names fields set by the user that the recipe must not change; ``callbacks`` are
-    :class:`~moderncnn.train.callbacks.Callback` objects called after the built-in ones. Returns a
+    :class:`~moderncnn.training.callbacks.Callback` objects called after the built-in ones. Returns a
     :class:`RunResult`; the run directory holds config.json, metrics.csv, the plots, report.md, last.pt
     and, with a validation set, best.pt.
     """

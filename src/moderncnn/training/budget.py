@@ -241,7 +241,7 @@ class TrainingPlan:
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """A per-step scheduler whose length is this plan's, whatever it becomes; groups with ``train_steps``
-        (:func:`~moderncnn.train.optim.param_groups`) follow :meth:`group_lr_factor`."""
+        (:func:`~moderncnn.training.optim.param_groups`) follow :meth:`group_lr_factor`."""
         factors = [functools.partial(self.group_lr_factor, g["train_steps"]) if g.get("train_steps")
                    else self.lr_factor for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -1,7 +1,7 @@
 """The two things a run does over and over: train one epoch, and score a model on a split.
 
-Both are plain functions of a :class:`~moderncnn.train.setup.TrainSetup` and a
-:class:`~moderncnn.train.state.TrainState`; the fast path of a step is visible in :func:`train_one_epoch`.
+Both are plain functions of a :class:`~moderncnn.training.setup.TrainSetup` and a
+:class:`~moderncnn.training.state.TrainState`; the fast path of a step is visible in :func:`train_one_epoch`.
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Callbacks: everything a run does besides training, as hooks on its events.
 
 A callback overrides any of :class:`Callback`'s methods; each receives the run's
-:class:`~moderncnn.train.setup.TrainSetup` (``run``: config, model, loaders, plan, run directory) and its
-:class:`~moderncnn.train.state.TrainState` (``state``: epoch, step, history, selection). The console
+:class:`~moderncnn.training.setup.TrainSetup` (``run``: config, model, loaders, plan, run directory) and its
+:class:`~moderncnn.training.state.TrainState` (``state``: epoch, step, history, selection). The console
 output, the progress bar, metrics.csv, the checkpoints, the report and the non-finite-loss guard are
 callbacks themselves; ``moderncnn.train(..., callbacks=[...])`` adds yours after them::
 
-    class PrintLR(moderncnn.train.Callback):
+    class PrintLR(moderncnn.Callback):
         def on_epoch_end(self, run, state, record):
             print(f"epoch {record.epoch}: lr {record.lr:.4g}")
 
