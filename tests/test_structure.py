@@ -11,7 +11,7 @@ MAX_FUNCTION_LINES = 80
 
 # The layers of DESIGN.md, lowest first: a module may import its own part or a lower layer, never a higher one.
 # models and data share the lowest layer and import neither each other nor anything above.
-LAYERS = {"hardware": -1, "models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "training": 4,
+LAYERS = {"_version": -1, "hardware": -1, "models": 0, "data": 0, "checkpoint": 1, "runlock": -1, "runs": 2, "report": 3, "exported": 3, "training": 4,
           "predict": 5, "compare": 5, "bench": 5, "export": 5, "cli": 6, "__main__": 7}
 
 
@@ -116,7 +116,7 @@ def test_train_is_a_plain_function_whose_keywords_are_the_config_fields():
     assert list(parameters)[:3] == ["config", "explicit", "callbacks"]
     assert all(p.default is None for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
     assert "train(config=None" in pydoc.render_doc(moderncnn, renderer=pydoc.plaintext)
-    assert moderncnn.Callback is moderncnn.training.callbacks.Callback
+    assert moderncnn.Callback is moderncnn.training.callback.Callback
 
 
 def _warn_from(module: str, category: str) -> None:
@@ -144,3 +144,81 @@ def test_the_package_ships_its_type_marker_and_has_one_version_source():
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["moderncnn"]
     assert moderncnn.__version__ == importlib.metadata.version("moderncnn") == pyproject["project"]["version"]
     assert pyproject["project"]["version"] not in (SRC / "__init__.py").read_text()  # not written a second time
+
+
+def _module_name(path: Path, src: Path) -> str:
+    parts = list(path.relative_to(src.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, less the bodies of ``if TYPE_CHECKING:`` (annotations only: never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def _file_imports(files: dict, name: str, path: Path):
+    """The moderncnn modules (files) that ``path`` imports anywhere in it, lazily inside functions too."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name in files)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+            for alias in node.names:  # "from .x import y": y may be a module of its own
+                yield f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+
+
+def import_cycles(src: Path) -> list:
+    """The groups of files of ``src`` that import one another in a circle (strongly connected components)."""
+    files = {_module_name(p, src): p for p in src.rglob("*.py")}
+    graph = {n: {t for t in _file_imports(files, n, p) if t in files and t != n} for n, p in files.items()}
+    order, low, stack, cycles = {}, {}, [], []
+
+    def visit(v):
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in order:
+            visit(v)
+    return cycles
+
+
+def test_no_two_files_in_src_import_each_other_even_indirectly():
+    assert import_cycles(SRC) == []
+
+
+def test_the_cycle_checker_sees_a_cycle_through_a_lazy_import(tmp_path):
+    pkg = tmp_path / "moderncnn"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models" / "__init__.py").write_text("from .registry import create_model\n")
+    (pkg / "models" / "registry.py").write_text("def create_model():\n    from . import vgg\n")
+    (pkg / "models" / "vgg.py").write_text("from .registry import create_model\n")
+    (pkg / "models" / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                             "    from .vgg import x\n")
+    assert import_cycles(pkg) == [["moderncnn.models.registry", "moderncnn.models.vgg"]]

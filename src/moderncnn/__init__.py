@@ -4,12 +4,8 @@ see it, train it, compare it, export it.
 The names below load on first use: ``import moderncnn.models`` builds models without loading the trainer.
 """
 import importlib
-import importlib.metadata
 
-try:  # one source: the version pyproject.toml gives the installed package
-    __version__ = importlib.metadata.version("moderncnn")
-except importlib.metadata.PackageNotFoundError:  # the source tree on sys.path, not installed
-    __version__ = "0+unknown"
+from ._version import __version__
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -18,7 +14,7 @@ _EXPORTS = {
     "ImageClassifier": "moderncnn.models",
     "optimize_for_inference": "moderncnn.models.inference", "summary": "moderncnn.report.summary",
     "TrainConfig": "moderncnn.runs", "load_model": "moderncnn.runs", "load_run": "moderncnn.runs",
-    "Callback": "moderncnn.training.callbacks", "show_run": "moderncnn.report.notebook",
+    "Callback": "moderncnn.training.callback", "show_run": "moderncnn.report.notebook",
     "lr_find": "moderncnn.training.lr_find",
 }
 

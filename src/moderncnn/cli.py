@@ -457,7 +457,7 @@ COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     parser = argparse.ArgumentParser(prog="moderncnn", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"moderncnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

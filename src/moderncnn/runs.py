@@ -310,7 +310,7 @@ def check_version(found, source) -> int:
     except (TypeError, ValueError):
         found = -1
     if found not in (1, 2, FORMAT_VERSION):
-        from . import __version__
+        from ._version import __version__
         raise RunFormatError(f"{source}: format_version {found}, but moderncnn {__version__} reads format_version "
                              f"{FORMAT_VERSION} (and migrates 1 and 2)")
     return found
@@ -650,7 +650,7 @@ def run_name(model: str, dataset: str) -> str:
 
 def software_versions(device: Optional[torch.device] = None) -> Dict[str, str]:
     """Python, torch, torchvision and moderncnn versions, the platform and the device, for run records."""
-    from . import __version__
+    from ._version import __version__
     info = {"python": platform.python_version(), "torch": torch.__version__, "moderncnn": __version__,
             "platform": platform.platform(), "threads": str(torch.get_num_threads()), "cpus": str(os.cpu_count())}
     try:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..runlock import process_alive
-from .datasets import DatasetError, ImageDataset, cache_dir
+from .base import DatasetError, ImageDataset, cache_dir
 
 __all__ = ["RESIZE_MODES", "CACHE_MODES", "IMAGE_EXTENSIONS", "read_image_folder", "decode_image",
            "list_class_folders", "resize_image"]

@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch.nn import functional as F
 
-from .datasets import ImageDataset, normalization_stats
+from .base import ImageDataset, normalization_stats
 
 __all__ = ["Augment", "Loader", "random_erasing", "resize", "crop_flip_gather", "random_resized_crop", "center_crop",
            "RRC_STORAGE_RATIO"]

@@ -1,4 +1,7 @@
-"""Model registry: ``register_model`` / ``create_model`` / ``list_models`` (timm's pattern)."""
+"""Model registry: ``register_model`` / ``create_model`` / ``list_models`` (timm's pattern).
+
+The family modules register their constructors when they are imported; ``moderncnn.models`` imports them all,
+and the registry imports none (a family imports the registry, not the other way round)."""
 from __future__ import annotations
 
 import difflib
@@ -38,11 +41,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
-def _ensure_registered() -> None:
-    # The family modules register themselves on import; importing the package does it.
-    from . import alexnet, vgg, nin, googlenet, resnet, csp, densenet  # noqa: F401
-
-
 def _patterns(patterns: Union[str, Iterable[str]]) -> List[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
@@ -56,7 +54,6 @@ def list_models(filter: Union[str, Iterable[str]] = "", exclude_filters: Union[s
         exclude_filters: pattern(s) whose matches are left out, e.g. ``"*_d2l"``.
         pretrained: keep only the models with ImageNet weights available through torchvision.
     """
-    _ensure_registered()
     keep, drop = [p for p in _patterns(filter) if p], _patterns(exclude_filters)
     names = sorted(n for n in _ENTRYPOINTS if (not keep or any(fnmatch.fnmatchcase(n, p) for p in keep))
                    and not any(fnmatch.fnmatchcase(n, p) for p in drop if p))
@@ -67,7 +64,6 @@ def list_models(filter: Union[str, Iterable[str]] = "", exclude_filters: Union[s
 
 
 def is_model(name: str) -> bool:
-    _ensure_registered()
     return name in _ENTRYPOINTS
 
 
@@ -97,7 +93,6 @@ def create_model(name: str, pretrained=False, *, num_classes: Optional[int] = No
             (``ResNet50_Weights.DEFAULT``), or a path.
         **kwargs: passed to the model's constructor (``small_input``, ``drop_rate``, ...).
     """
-    _ensure_registered()
     if isinstance(pretrained, int) and not isinstance(pretrained, bool):
         raise TypeError(f"create_model({name!r}, {pretrained}): the second argument is pretrained (timm's order); "
                         f"pass num_classes={pretrained}")

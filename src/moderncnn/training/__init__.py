@@ -3,7 +3,7 @@
 ``moderncnn.train``, the function, is its front door."""
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..runs import TrainConfig, load_model
-from .callbacks import Callback
+from .callback import Callback
 from .config import RECIPES, resolve_config
 from .loop import NonFiniteLossError, TrainingInterrupted, evaluate
 from .setup import TrainSetup, build_setup, pick_device

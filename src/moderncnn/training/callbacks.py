@@ -1,85 +1,27 @@
-"""Callbacks: everything a run does besides training, as hooks on its events.
-
-A callback overrides any of :class:`Callback`'s methods; each receives the run's
-:class:`~moderncnn.training.setup.TrainSetup` (``run``: config, model, loaders, plan, run directory) and its
-:class:`~moderncnn.training.state.TrainState` (``state``: epoch, step, history, selection). The console
-output, the progress bar, metrics.csv, the checkpoints, the report and the non-finite-loss guard are
-callbacks themselves; ``moderncnn.train(..., callbacks=[...])`` adds yours after them::
-
-    class PrintLR(moderncnn.Callback):
-        def on_epoch_end(self, run, state, record):
-            print(f"epoch {record.epoch}: lr {record.lr:.4g}")
+"""The built-in callbacks: the console output, the progress bar, metrics.csv, the checkpoints, the report and the
+non-finite-loss guard (the base class and the order of events are in :mod:`moderncnn.training.callback`).
 
 Under torchrun every process calls the callbacks; the built-in ones that write or print run on rank 0
 only (``run.is_main``).
 """
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Iterable, List
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checkpoint import save_checkpoint, save_tensors_atomic
 from ..report.run import write_run_report
 from ..runs import EpochRecord, RunSummary, peak_memory_mb, write_config, write_metrics, write_summary
+from .callback import Callback
 from .loop import NonFiniteLossError, StepOutput, evaluate
 from .state import TrainState
 
 if TYPE_CHECKING:
     from .setup import TrainSetup
 
-__all__ = ["Callback", "CallbackList", "NonFiniteGuard", "ProgressBar", "ConsoleLog", "MetricsLogger",
-           "CheckpointSaver", "ReportWriter", "default_callbacks"]
-
-
-class Callback:
-    """The events of a run, in order: ``on_train_start`` once (after the setup, before the first step),
-    ``on_step_end`` after every optimizer step, ``on_epoch_end`` after each epoch's evaluation (its
-    record is in ``state.history``; ``state.done`` is set on the last), ``on_train_end`` once at the end.
-    ``on_interrupt`` runs instead of the rest of the epoch when Ctrl-C or SIGTERM stops the run."""
-
-    def on_train_start(self, run: "TrainSetup", state: TrainState) -> None:
-        pass
-
-    def on_step_end(self, run: "TrainSetup", state: TrainState, step: StepOutput) -> None:
-        pass
-
-    def on_epoch_end(self, run: "TrainSetup", state: TrainState, record: EpochRecord) -> None:
-        pass
-
-    def on_train_end(self, run: "TrainSetup", state: TrainState) -> None:
-        pass
-
-    def on_interrupt(self, run: "TrainSetup", state: TrainState, signum: int) -> None:
-        pass
-
-
-class CallbackList(Callback):
-    """Calls each callback in order."""
-
-    def __init__(self, callbacks: Iterable[Callback]):
-        self.callbacks: List[Callback] = list(callbacks)
-
-    def on_train_start(self, run, state):
-        for c in self.callbacks:
-            c.on_train_start(run, state)
-
-    def on_step_end(self, run, state, step):
-        for c in self.callbacks:
-            c.on_step_end(run, state, step)
-
-    def on_epoch_end(self, run, state, record):
-        for c in self.callbacks:
-            c.on_epoch_end(run, state, record)
-
-    def on_train_end(self, run, state):
-        for c in self.callbacks:
-            c.on_train_end(run, state)
-
-    def on_interrupt(self, run, state, signum):
-        for c in self.callbacks:
-            c.on_interrupt(run, state, signum)
+__all__ = ["NonFiniteGuard", "ProgressBar", "ConsoleLog", "MetricsLogger", "CheckpointSaver", "ReportWriter",
+           "SCALER_BACKOFF_STEPS"]
 
 
 # Under float16 a step with a non-finite loss is skipped by the gradient scaler, which halves its scale; after
@@ -297,23 +239,3 @@ def _summary(run: "TrainSetup", state: TrainState) -> RunSummary:
                       precision=run.info.precision, skipped_steps=sum(r.skipped_steps for r in history),
                       weights="best.pt" if state.best_epoch else "last.pt",
                       chosen_epoch=state.best_epoch, chosen_val_acc=state.best_val_acc)
-
-
-def default_callbacks(run: "TrainSetup") -> List[Callback]:
-    """The built-in callbacks of a run, in the order they are called."""
-    from .notebook import in_notebook
-    tolerate = SCALER_BACKOFF_STEPS if run.backward.scaler is not None else 0
-    callbacks: List[Callback] = [NonFiniteGuard(defer=run.device.type == "cuda", tolerate=tolerate)]
-    if not run.is_main:
-        return callbacks
-    cfg, notebook = run.cfg, in_notebook()
-    if cfg.progress and not cfg.quiet and (sys.stdout.isatty() or notebook):
-        callbacks.append(ProgressBar())
-    callbacks += [ConsoleLog(quiet=cfg.quiet), MetricsLogger(), CheckpointSaver(), ReportWriter()]
-    if notebook and not cfg.quiet:
-        from .notebook import LiveCurves
-        callbacks.append(LiveCurves())
-    if cfg.tensorboard:
-        from .tensorboard import TensorBoardLogger
-        callbacks.append(TensorBoardLogger())
-    return callbacks

@@ -21,7 +21,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .state import EpochTotals, TrainState
 
 if TYPE_CHECKING:
-    from .callbacks import CallbackList
+    from .callback import CallbackList
     from .setup import TrainSetup
 
 __all__ = ["TrainingInterrupted", "NonFiniteLossError", "StepOutput", "EpochTrained", "tta_views", "tta_logits",

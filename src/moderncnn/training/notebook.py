@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from ..report.plots import draw_curves
-from .callbacks import Callback
+from .callback import Callback
 
 if TYPE_CHECKING:
     from .setup import TrainSetup

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .callbacks import Callback
+from .callback import Callback
 
 if TYPE_CHECKING:
     from .setup import TrainSetup

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Un
 from ..checkpoint import load_checkpoint
 from ..runlock import lock_run_dir
 from ..runs import EpochRecord, TrainConfig, UsageError, check_version
-from .callbacks import Callback, CallbackList, default_callbacks
+from .callback import Callback, CallbackList
+from .callbacks import (SCALER_BACKOFF_STEPS, CheckpointSaver, ConsoleLog, MetricsLogger, NonFiniteGuard,
+                        ProgressBar, ReportWriter)
 from .config import DEFAULTS, resolve_config
 from .distributed import cleanup_distributed
 from .loop import TrainingInterrupted, evaluate_epoch, interrupted, train_one_epoch
@@ -38,6 +41,26 @@ class RunResult:
     train_seconds: float = 0.0
     params: int = 0
     flops: int = 0
+
+
+def default_callbacks(run: "TrainSetup") -> List[Callback]:
+    """The built-in callbacks of a run, in the order they are called."""
+    from .notebook import in_notebook
+    tolerate = SCALER_BACKOFF_STEPS if run.backward.scaler is not None else 0
+    callbacks: List[Callback] = [NonFiniteGuard(defer=run.device.type == "cuda", tolerate=tolerate)]
+    if not run.is_main:
+        return callbacks
+    cfg, notebook = run.cfg, in_notebook()
+    if cfg.progress and not cfg.quiet and (sys.stdout.isatty() or notebook):
+        callbacks.append(ProgressBar())
+    callbacks += [ConsoleLog(quiet=cfg.quiet), MetricsLogger(), CheckpointSaver(), ReportWriter()]
+    if notebook and not cfg.quiet:
+        from .notebook import LiveCurves
+        callbacks.append(LiveCurves())
+    if cfg.tensorboard:
+        from .tensorboard import TensorBoardLogger
+        callbacks.append(TensorBoardLogger())
+    return callbacks
 
 
 class _StopSignals:
