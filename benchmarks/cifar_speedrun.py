@@ -66,7 +66,7 @@ def speedrun(seed: int, args, extra) -> dict:
 
     values, explicit = train_flags(extra)
     values.update(recipe="cifar10-speedrun", dataset="imagefolder", data_dir=str(args.data_dir),
-                  val_split=args.val_split, seed=seed, out=str(args.out), name=f"{args.name_prefix}seed{seed}",
+                  val_split=args.val_split or None, seed=seed, out=str(args.out), name=f"{args.name_prefix}seed{seed}",
                   progress=False, quiet=True)
     if args.budget:
         values["budget"] = args.budget
@@ -137,7 +137,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", default=None, type=parse_budget,
                         help="time budget of each run (e.g. 10m); default: the recipe's epochs")
     parser.add_argument("--val-split", type=int, default=5000,
-                        help="training images held out for validation (tune on these, never on the test set)")
+                        help="training images held out for validation (tune on these, never on the test set; 0: none, "
+                             "all 50,000 train, as the anchor does)")
     parser.add_argument("--name-prefix", default="", help="prefix of the run directories' names")
     parser.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="parent of the run directories")
     parser.add_argument("--json", type=Path, help="also write the table and means to this JSON file")
