@@ -11,7 +11,8 @@ from moderncnn.training import TrainConfig, load_checkpoint, train
 from moderncnn.training.budget import TTA_VIEWS, EpochPlanner, parse_budget
 from moderncnn.cli import build_parser, config_from_args
 from moderncnn.runs import EpochRecord
-from moderncnn.training.config import BUDGET_MAX_EPOCHS, resolve_config
+from moderncnn.training import resolve_config
+from moderncnn.training.config import BUDGET_MAX_EPOCHS
 
 from helpers import make_mnist
 from test_distributed import _free_port

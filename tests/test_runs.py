@@ -182,7 +182,7 @@ def test_a_checkpoint_of_another_version_is_one_line(validated_run, tmp_path, ca
 def _args(*argv):
     from moderncnn.cli import config_from_args
     values, explicit = config_from_args(build_parser().parse_args(["train", *argv]))
-    return resolve_config(TrainConfig.from_dict(values), explicit)
+    return resolve_config(TrainConfig.from_dict(values), explicit).config
 
 
 def test_a_runs_config_json_replays_it_and_flags_win(validated_run, tmp_path):

@@ -11,7 +11,7 @@ from torch import nn
 import moderncnn
 from moderncnn.models.vgg import AirbenchVGG
 from moderncnn.training.budget import TrainingPlan
-from moderncnn.training.config import resolve_config
+from moderncnn.training import resolve_config
 from moderncnn.training.optim import LRSchedule, Muon, build_optimizer
 from moderncnn.runs import TrainConfig, load_model
 

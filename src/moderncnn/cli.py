@@ -49,8 +49,8 @@ def _flag(name: str) -> str:
 
 def _shown_defaults() -> Dict[str, str]:
     """Each train flag's default as the help shows it: the value the default recipe resolves to."""
-    from .training.config import RECIPES, resolve_config
-    resolved = resolve_config(TrainConfig())
+    from .training.config import RECIPES, merge_recipe
+    resolved = merge_recipe(TrainConfig())
     shown = {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(resolved, f.name)

@@ -59,7 +59,7 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
     dataset's test split or on ``dataset`` / ``data_dir``, preprocessed as in training."""
     from .data import Loader, load_dataset
     from .training.loop import evaluate
-    from .training.setup import pick_device
+    from .training.resolve import pick_device
     device = pick_device(device)
     if _exported(source):
         path, (spec, config, model) = Path(source), _exported_for_evaluation(Path(source))

@@ -4,13 +4,14 @@
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..runs import TrainConfig, load_model
 from .callback import Callback
-from .config import RECIPES, resolve_config
+from .config import RECIPES
 from .loop import NonFiniteLossError, TrainingInterrupted, evaluate
-from .setup import TrainSetup, build_setup, pick_device
+from .resolve import ResolvedConfig, pick_device, resolve_config
+from .setup import TrainSetup, build_setup
 from .state import TrainState
 from .trainer import RunResult, fit, train
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "RECIPES", "TrainConfig", "resolve_config",
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "RECIPES", "TrainConfig", "ResolvedConfig", "resolve_config",
            "Callback", "NonFiniteLossError", "RunResult", "TrainingInterrupted", "TrainSetup", "TrainState",
            "build_setup", "evaluate", "fit", "load_model", "pick_device", "train"]
 

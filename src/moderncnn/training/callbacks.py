@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import save_checkpoint, save_tensors_atomic
 from ..report.run import write_run_report
-from ..runs import EpochRecord, RunSummary, peak_memory_mb, write_config, write_metrics, write_summary
+from ..runs import RunSummary, peak_memory_mb, write_config, write_metrics, write_summary
 from .callback import Callback
 from .loop import NonFiniteLossError, StepOutput, evaluate
 from .state import TrainState

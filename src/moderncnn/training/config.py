@@ -1,4 +1,5 @@
-"""Named recipes and how a :class:`~moderncnn.runs.TrainConfig` is resolved against them.
+"""Named recipes and how a :class:`~moderncnn.runs.TrainConfig` is merged with them (the rest of resolving a
+config is :mod:`moderncnn.training.resolve`).
 
 A field left ``None`` is filled from the recipe, then from :data:`DEFAULTS`; anything set explicitly
 (a CLI flag or a field passed to :func:`moderncnn.train`) wins over the recipe.
@@ -13,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..runs import RunInfo, TrainConfig, UsageError, normalize_amp
 
-__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "resolve_config", "recipe_names",
+__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "merge_recipe", "validate", "recipe_names",
            "train_side", "evaluates_after", "load_config_file", "INITS"]
 
 
@@ -157,9 +158,10 @@ def _load_recipe(name: str) -> Dict[str, Any]:
     raise UsageError(f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())} or give a JSON file")
 
 
-def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> TrainConfig:
-    """Fill unset fields from the recipe and the defaults. ``explicit`` names fields set by the user
-    even where they equal a dataclass default (the CLI passes the flags it saw)."""
+def merge_recipe(config: TrainConfig, explicit: Optional[set] = None) -> TrainConfig:
+    """Fill unset fields from the recipe and the defaults, and validate. ``explicit`` names fields set by the
+    user even where they equal a dataclass default (the CLI passes the flags it saw). The first step of
+    :func:`~moderncnn.training.resolve.resolve_config`."""
     cfg = dataclasses.replace(config)
     recipe = _load_recipe(cfg.recipe)
     explicit = set(explicit or ())
@@ -202,7 +204,7 @@ def resolve_config(config: TrainConfig, explicit: Optional[set] = None) -> Train
         # A time budget decides the length (the recipe's epochs are for runs without one); --epochs,
         # given with it, is the most it may plan.
         cfg.epochs = BUDGET_MAX_EPOCHS
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -239,7 +241,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise UsageError(f"val_split must be a count of images or a fraction below 1, got {cfg.val_split:g}")
 
 
-def _validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> None:
+    """Refuse, in one line, a complete config whose values no run can take."""
     _check_ranges(cfg)
     if cfg.optimizer not in OPTIMIZERS:
         raise UsageError(f"optimizer must be {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}, "

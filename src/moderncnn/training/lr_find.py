@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import torch
 from matplotlib.figure import Figure
 
 from ..runs import TrainConfig, UsageError
-from .config import resolve_config
 from .distributed import cleanup_distributed
+from .resolve import resolve_config
 from .setup import TrainSetup, build_setup
 
 __all__ = ["lr_find", "LRFindResult"]
@@ -115,12 +114,14 @@ def lr_find(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: O
         raise UsageError(f"lr-find needs 0 < --start-lr < --end-lr and at least 5 steps, got {start_lr:g}, "
                          f"{end_lr:g}, {steps}")
     explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
-    cfg = resolve_config(config, explicit)
+    resolved = resolve_config(config, explicit)
+    cfg = resolved.config
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=f"{time.strftime('%Y%m%d-%H%M%S')}-lr-find-{cfg.model}-{cfg.dataset}")
+        resolved = dataclasses.replace(resolved, config=cfg)
     run = None
     try:
-        run = build_setup(cfg)
+        run = build_setup(resolved)
         result = _sweep(run, steps, start_lr, end_lr)
         _suggest(result)
         if run.is_main:

@@ -1,7 +1,6 @@
 """From a resolved config to everything a run trains with: device, data, model, optimizer, plan, loaders."""
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import shlex
 import shutil
@@ -22,25 +21,14 @@ from ..report.summary import count_parameters, summary
 from ..runlock import LOCK_NAME, RunLock, lock_run_dir
 from ..runs import ModelSpec, ModerncnnWarning, RunInfo, TrainConfig, UsageError, run_name, software_versions
 from .budget import TrainingPlan
-from .config import rrc_scale
 from .distributed import DistInfo, broadcast_object, setup_distributed
 from .init import whiten_first_conv, xavier_init
 from .malloc import MMAP_THRESHOLD, pin_mmap_threshold
 from .optim import build_optimizer, ema_warmup_fn
-from .precision import Precision, ScaledBackward, apply_fp32_precision, make_grad_scaler, resolve_precision
+from .precision import Precision, ScaledBackward, apply_fp32_precision, make_grad_scaler
+from .resolve import ResolvedConfig, pick_device
 
 __all__ = ["TrainSetup", "build_setup", "pick_device"]
-
-
-def pick_device(name: str) -> torch.device:
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    if name == "mps" and not mps:
-        raise UsageError("--device mps: MPS is not available here")
-    return torch.device(name)
 
 
 @dataclass
@@ -48,7 +36,7 @@ class TrainSetup:
     """Everything a run trains with. ``model`` is the network itself (its contract: ``loss``, ``head_names``);
     ``net`` is what the steps call (DDP-wrapped and/or compiled); ``eval_model`` what is scored."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # complete: what config.json records (``resolved.config``)
     device: torch.device
     dist: DistInfo
     precision: Precision
@@ -93,16 +81,16 @@ class TrainSetup:
         return f"moderncnn train --resume {shlex.quote(str(self.run_dir))} --epochs {self.cfg.epochs}"
 
 
-def _stored_size(cfg: TrainConfig) -> Optional[int]:
+def _stored_size(cfg: TrainConfig, augment: Augment) -> Optional[int]:
     """The side an image folder is decoded at: the training size, or larger for random-resized-crop, which
     crops from images stored at 256 for 224 (torchvision's ratio) and evaluates on their centre."""
-    if cfg.image_size and Augment.parse(cfg.augment).rrc:
+    if cfg.image_size and augment.rrc:
         return int(round(cfg.image_size * RRC_STORAGE_RATIO))
     return cfg.image_size
 
 
-def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Optional[ImageDataset], ImageDataset, str,
-                                                            dict]:
+def _load_splits(cfg: TrainConfig, augment: Augment, info: DistInfo) -> Tuple[ImageDataset, Optional[ImageDataset],
+                                                                              ImageDataset, str, dict]:
     """(train, validation or None, test, where the validation set came from, the training data's
     fingerprint)."""
     if cfg.download and info.enabled:
@@ -113,7 +101,7 @@ def _load_splits(cfg: TrainConfig, info: DistInfo) -> Tuple[ImageDataset, Option
     kwargs = dict(root=cfg.data_dir, download=cfg.download and info.is_main)
     folder = cfg.dataset == "imagefolder"
     if folder:
-        kwargs.update(image_size=_stored_size(cfg), val_fraction=cfg.val_fraction, seed=cfg.seed, resize=cfg.resize,
+        kwargs.update(image_size=_stored_size(cfg, augment), val_fraction=cfg.val_fraction, seed=cfg.seed, resize=cfg.resize,
                       cache=cfg.data_cache, cache_root=cfg.cache_dir, workers=cfg.decode_workers,
                       strict=cfg.strict_data)
     if folder and info.enabled and not info.is_main:
@@ -201,15 +189,12 @@ def _place(model: nn.Module, cfg: TrainConfig, device: torch.device, info: DistI
     return model, torch.compile(net) if cfg.compile else net
 
 
-def _loaders(cfg, sets, image_size, mean, std, device, info) -> Tuple[Loader, Optional[Loader], Loader]:
+def _loaders(cfg, augment, sets, image_size, mean, std, device, info) -> Tuple[Loader, Optional[Loader], Loader]:
     train_set, val_set, test_set = sets
     if cfg.batch_size % info.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                          f"{info.world_size} processes")
     per_rank = cfg.batch_size // info.world_size
-    augment = Augment.parse(cfg.augment)
-    if augment.rrc and cfg.rrc_scale:
-        augment = dataclasses.replace(augment, rrc_scale=rrc_scale(cfg.rrc_scale))
     common = dict(image_size=image_size, device=device, rank=info.rank, world_size=info.world_size, mean=mean,
                   std=std, channels_last=cfg.channels_last, eval_crop=augment.rrc)
     train = Loader(train_set, per_rank, train=True, augment=augment, seed=cfg.seed, **common)
@@ -267,34 +252,22 @@ def _check_model_arguments(cfg: TrainConfig) -> None:
                              f"{', '.join(valid)}") from None
 
 
-def build_setup(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainSetup:
-    """Turn a resolved config into a :class:`TrainSetup`: a new run's directory is created and locked first; a
-    resumed run (``cfg.resume``, locked by the trainer, its last.pt read into ``checkpoint``) must match the
-    precision and the training data it was saved with, and then loads its state into the setup."""
-    saved_precision = (checkpoint or {}).get("precision")
+def build_setup(resolved: ResolvedConfig) -> TrainSetup:
+    """Build what ``resolved`` describes: a new run's directory is created and locked first; a resumed run
+    (``resolved.resume``, locked by the trainer) must match the training data it was saved with, and then loads
+    its state into the setup. Nothing is decided here that :func:`~moderncnn.training.resolve.resolve_config`
+    decides."""
+    cfg = resolved.config
     _check_model_arguments(cfg)
-    device = pick_device(cfg.device)
-    dist = setup_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    dist = setup_distributed(resolved.device.type)
     torch.manual_seed(cfg.seed)
-    precision = resolve_precision(cfg.amp, device)
-    if saved_precision and saved_precision != precision.kind and cfg.amp == "auto":
-        # auto decided when the run started; a resume elsewhere keeps that decision, so it continues exactly
-        kept = resolve_precision(saved_precision, device)
-        precision = dataclasses.replace(kept, reason=f"{kept.reason}; kept from the run's start (--amp auto)",
-                                        requested="auto")
-    if saved_precision and saved_precision != precision.kind:
-        raise UsageError(f"{cfg.resume}: its checkpoint was trained under --amp {saved_precision}, and this run "
-                         f"would train under --amp {precision.kind} ({precision.description}); resume it with "
-                         f"--amp {saved_precision}, or start a new run")
     apply_fp32_precision(cfg.fp32_precision)
-    if cfg.resume:
-        run_dir, lock = Path(cfg.resume), None  # the trainer holds the resumed run's lock
+    if resolved.resume is not None:
+        run_dir, lock = resolved.resume.run_dir, None  # the trainer holds the resumed run's lock
     else:
         run_dir, lock = _new_run_dir(cfg, dist)
     try:
-        return _build(cfg, device, dist, precision, run_dir, lock, (checkpoint or {}).get("data_fingerprint"))
+        return _build(resolved, dist, run_dir, lock)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -303,18 +276,14 @@ def build_setup(cfg: TrainConfig, checkpoint: Optional[dict] = None) -> TrainSet
         raise
 
 
-def _build(cfg: TrainConfig, device: torch.device, dist: DistInfo, precision: Precision, run_dir: Path,
-           lock: Optional[RunLock], saved_fingerprint: Optional[dict]) -> TrainSetup:
-    resuming = bool(cfg.resume)
+def _build(resolved: ResolvedConfig, dist: DistInfo, run_dir: Path, lock: Optional[RunLock]) -> TrainSetup:
+    cfg, device, precision, augment = resolved.config, resolved.device, resolved.precision, resolved.augmentation
+    resuming = resolved.resume is not None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels once
-    if cfg.pretrained is True and not cfg.image_size:
-        from ..models.pretrained import has_pretrained, preprocessing
-        if has_pretrained(cfg.model):  # the resolution the ImageNet weights were trained at
-            cfg = dataclasses.replace(cfg, image_size=preprocessing(cfg.model)["crop"])
-    train_set, val_set, test_set, validation, fingerprint = _load_splits(cfg, dist)
+    train_set, val_set, test_set, validation, fingerprint = _load_splits(cfg, augment, dist)
     if resuming and dist.is_main:
-        _check_fingerprint(cfg, saved_fingerprint, fingerprint)
+        _check_fingerprint(cfg, resolved.checkpoint.get("data_fingerprint"), fingerprint)
     image_size = cfg.image_size or train_set.images.shape[-1]
     channels = train_set.images.shape[1]
     # The statistics read the whole split; a memory-mapped one's pages are released as they go.
@@ -327,7 +296,7 @@ def _build(cfg: TrainConfig, device: torch.device, dist: DistInfo, precision: Pr
         mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
     spec = ModelSpec(cfg.model, train_set.num_classes, channels, image_size, list(train_set.classes), mean, std,
                      model_kwargs, list(train_set.images.shape[-2:]), cfg.dataset, cfg.resize,
-                     eval_crop=Augment.parse(cfg.augment).rrc and train_set.images.shape[-1] > image_size)
+                     eval_crop=augment.rrc and train_set.images.shape[-1] > image_size)
     splits = [s for s in (train_set, val_set, test_set) if s is not None]
     info = RunInfo(cfg, spec, count_parameters(model), count_parameters(model, trainable_only=True),
                    summary(model, (1, channels, image_size, image_size)).total_flops, len(train_set),
@@ -335,8 +304,8 @@ def _build(cfg: TrainConfig, device: torch.device, dist: DistInfo, precision: Pr
                    sum(len(s.skipped) for s in splits), frozen, precision.description, dist.world_size,
                    software_versions(device), data_fingerprint=fingerprint)
     model, net = _place(model, cfg, device, dist)
-    train_loader, val_loader, test_loader = _loaders(cfg, (train_set, val_set, test_set), image_size, mean, std,
-                                                     device, dist)
+    train_loader, val_loader, test_loader = _loaders(cfg, augment, (train_set, val_set, test_set), image_size, mean,
+                                                     std, device, dist)
     plan = TrainingPlan(cfg, len(train_loader), image_size, len(train_set), len(test_set) + info.val_images,
                         agree=lambda steps: int(broadcast_object(int(steps), dist)))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
@@ -349,6 +318,9 @@ def _build(cfg: TrainConfig, device: torch.device, dist: DistInfo, precision: Pr
         from torch.optim.swa_utils import AveragedModel
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(cfg.ema), use_buffers=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return TrainSetup(cfg, device, dist, precision, train_set, val_set, test_set, info, model, net, optimizer,
-                      plan.scheduler(optimizer), ema, criterion, plan, train_loader, val_loader, test_loader, run_dir,
-                      _tune_allocator(cfg, device), ScaledBackward(make_grad_scaler(precision, device)), lock)
+    return TrainSetup(cfg=cfg, device=device, dist=dist, precision=precision, train_set=train_set, val_set=val_set,
+                      test_set=test_set, info=info, model=model, net=net, optimizer=optimizer,
+                      scheduler=plan.scheduler(optimizer), ema=ema, criterion=criterion, plan=plan,
+                      train_loader=train_loader, val_loader=val_loader, test_loader=test_loader, run_dir=run_dir,
+                      allocator=_tune_allocator(cfg, device),
+                      backward=ScaledBackward(make_grad_scaler(precision, device)), lock=lock)

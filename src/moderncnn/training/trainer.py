@@ -3,24 +3,22 @@ callbacks doing everything else. One path for CPU, one GPU and torchrun/DDP."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
-from ..checkpoint import load_checkpoint
 from ..runlock import lock_run_dir
-from ..runs import EpochRecord, TrainConfig, UsageError, check_version
+from ..runs import EpochRecord, TrainConfig, UsageError
 from .callback import Callback, CallbackList
 from .callbacks import (SCALER_BACKOFF_STEPS, CheckpointSaver, ConsoleLog, MetricsLogger, NonFiniteGuard,
                         ProgressBar, ReportWriter)
-from .config import DEFAULTS, resolve_config
 from .distributed import cleanup_distributed
 from .loop import TrainingInterrupted, evaluate_epoch, interrupted, train_one_epoch
+from .resolve import ResolvedConfig, read_resume_point, resolve_config, resume_point
 from .setup import TrainSetup, build_setup
 from .state import TrainState
 
@@ -124,56 +122,6 @@ def fit(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback] = ()) 
                      run.info.flops_per_image)
 
 
-# What a resume may change: how long the run goes on, where, how it reports, and where its data lies (the
-# data itself is checked by its fingerprint). Anything else trains a different run.
-RESUME_CHANGEABLE = ("epochs", "budget", "device", "progress", "quiet", "tensorboard", "eval_every", "data_dir",
-                     "download", "cache_dir", "decode_workers", "data_cache", "resume")
-
-
-def _shown(value: Any) -> str:
-    return json.dumps(value, default=str) if isinstance(value, (dict, list, tuple)) else str(value)
-
-
-def _comparable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))  # tuples and lists alike, as config.json holds them
-
-
-def _resume_checkpoint(given: str) -> Tuple[Path, Path]:
-    """(the run directory, its last.pt) for ``--resume PATH``, or a one-line error naming PATH."""
-    path = Path(given)
-    if not path.exists():
-        raise UsageError(f"--resume {given}: no such run directory")
-    run_dir, checkpoint = (path, path / "last.pt") if path.is_dir() else (path.parent, path)
-    if not checkpoint.is_file():
-        raise UsageError(f"--resume {given}: nothing to resume (no last.pt)")
-    return run_dir, checkpoint
-
-
-def _resume_config(config: TrainConfig, explicit: Set[str]) -> Tuple[TrainConfig, Dict[str, Any]]:
-    """The saved run's config with the changes a resume may make, and its last.pt; any other change the user
-    asked for is refused, each named as ``field: old -> new``."""
-    run_dir, path = _resume_checkpoint(config.resume)
-    checkpoint = load_checkpoint(path)
-    check_version(checkpoint.get("format_version", 1), path)
-    if "optimizer" not in checkpoint:
-        raise UsageError(f"--resume {config.resume}: {path.name} holds chosen weights without the optimizer state; "
-                         f"resume the run with --resume {run_dir} (its last.pt), or fine-tune from these weights in "
-                         f"a new run with --pretrained {path}")
-    saved = TrainConfig.from_dict(checkpoint["config"], str(path))
-    changed = sorted(k for k in explicit if k not in RESUME_CHANGEABLE and hasattr(saved, k)
-                     and _comparable(getattr(config, k)) != _comparable(getattr(saved, k)))
-    if changed:
-        differences = "; ".join(f"{k}: {_shown(getattr(saved, k))} -> {_shown(getattr(config, k))}" for k in changed)
-        raise UsageError(f"--resume {config.resume}: a resume continues the run as it was, and these differ "
-                         f"({differences}); start a new run for them, or fine-tune from this one with --pretrained "
-                         f"{run_dir / 'last.pt'}")
-    changes = {k: getattr(config, k) for k in RESUME_CHANGEABLE
-               if k in explicit or (k == "epochs" and config.epochs is not None)}
-    cfg = dataclasses.replace(saved, **{**changes, "resume": str(run_dir)})
-    # Options added after the checkpoint was written take their defaults (they did not exist then).
-    return dataclasses.replace(cfg, **{k: v for k, v in DEFAULTS.items() if getattr(cfg, k) is None}), checkpoint
-
-
 def _start_state(run: TrainSetup, checkpoint: Optional[Dict[str, Any]]) -> TrainState:
     if checkpoint is None:
         return TrainState(run.model, run.optimizer, run.scheduler, run.ema, run.backward, run.precision.kind)
@@ -201,8 +149,9 @@ def _finish(run: TrainSetup, state: TrainState, callbacks: Iterable[Callback]) -
                      run.info.flops_per_image)
 
 
-def _run(cfg: TrainConfig, checkpoint: Optional[Dict[str, Any]], callbacks: Iterable[Callback]) -> RunResult:
-    run = build_setup(cfg, checkpoint)
+def _run(resolved: ResolvedConfig, callbacks: Iterable[Callback]) -> RunResult:
+    run = build_setup(resolved)
+    checkpoint = resolved.checkpoint
     try:
         state = _start_state(run, checkpoint)
         every = [*default_callbacks(run), *callbacks]
@@ -239,17 +188,17 @@ def train(config: Union[TrainConfig, Dict[str, Any], None] = None, explicit: Opt
     explicit = set(explicit or ()) | {k for k, v in overrides.items() if v is not None}
     lock = None
     try:
+        resume = None
         if config.resume:
-            run_dir, _ = _resume_checkpoint(config.resume)
+            run_dir, _ = resume_point(config.resume)
             # One writer: the lock is taken before last.pt is read (rank 0 writes; torchrun sets RANK).
             lock = lock_run_dir(run_dir) if os.environ.get("RANK", "0") == "0" else None
-            cfg, checkpoint = _resume_config(config, explicit)
-        else:
-            cfg, checkpoint = resolve_config(config, explicit), None
-        if cfg.tensorboard:
+            resume = read_resume_point(config.resume)
+        resolved = resolve_config(config, explicit, resume)
+        if resolved.config.tensorboard:
             from .tensorboard import require_tensorboard
             require_tensorboard()  # before anything is written
-        return _run(cfg, checkpoint, callbacks)
+        return _run(resolved, callbacks)
     finally:
         if lock is not None:
             lock.release()
