@@ -1,5 +1,6 @@
-"""Write the generated parts of the documentation: the models table (docs/models.md, between its markers),
-the command-line reference (docs/cli.md), both from the code itself, and docs/changelog.md (CHANGELOG.md).
+"""Write the generated parts of the documentation: the models table (docs/models.md) and the recipes table
+(docs/training.md), each between its markers, the command-line reference (docs/cli.md), all from the code itself,
+and docs/changelog.md (CHANGELOG.md).
 
     python docs/generate.py           # rewrite them
     python docs/generate.py --check   # exit 1 with a diff when either is stale
@@ -13,6 +14,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 BEGIN, END = "<!-- BEGIN GENERATED: models table (python docs/generate.py) -->", "<!-- END GENERATED -->"
+RECIPES_BEGIN = "<!-- BEGIN GENERATED: recipes table (python docs/generate.py) -->"
 
 FAMILIES = {"alexnet": "AlexNet", "vgg": "VGG", "nin": "NiN", "googlenet": "GoogLeNet", "resnet": "ResNet",
             "csp": "CSP", "densenet": "DenseNet"}
@@ -76,17 +78,37 @@ def cli_reference() -> str:
     return "\n".join(out)
 
 
+def _setting(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def recipes_table() -> str:
+    from moderncnn.training.config import RECIPES
+
+    lines = ["| recipe | purpose | settings | only for the recipe's own model |", "|---|---|---|---|"]
+    for name, recipe in RECIPES.items():
+        settings = "; ".join(f"{k}={_setting(v)}" for k, v in recipe.settings.items())
+        own = "; ".join(f"{k}={_setting(v)}" for k, v in recipe.model_options.items())
+        lines.append(f"| `{name}`{' (default)' if name == 'fast' else ''} | {recipe.purpose} | {settings} | {own} |")
+    return "\n".join(lines) + "\n"
+
+
+def _between_markers(page: Path, begin: str, generated: str) -> str:
+    text = page.read_text()
+    if begin not in text or END not in text.split(begin, 1)[-1]:
+        raise SystemExit(f"{page}: the markers of the generated table are missing")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{generated}{END}{rest.split(END, 1)[1]}"
+
+
 def render() -> dict:
     """{path: the text it should hold}."""
-    models_page = DOCS / "models.md"
-    text = models_page.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{models_page}: the markers of the generated table are missing")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
     changelog = (DOCS.parent / "CHANGELOG.md").read_text()
-    return {models_page: f"{head}{BEGIN}\n{models_table()}{END}{tail}", DOCS / "cli.md": cli_reference(),
-            DOCS / "changelog.md": changelog}
+    return {DOCS / "models.md": _between_markers(DOCS / "models.md", BEGIN, models_table()),
+            DOCS / "training.md": _between_markers(DOCS / "training.md", RECIPES_BEGIN, recipes_table()),
+            DOCS / "cli.md": cli_reference(), DOCS / "changelog.md": changelog}
 
 
 def main(argv=None) -> int:

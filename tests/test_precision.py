@@ -101,7 +101,7 @@ def test_recipes_default_to_auto_or_say_why_not():
     assert resolve_config(TrainConfig()).amp == "auto"  # the default run
     for name in ("cifar10", "cifar10-speedrun", "cifar10-gpu", "fmnist-best-gpu"):
         assert resolve_config(TrainConfig(recipe=name)).amp == "auto", name
-    assert {n for n, r in RECIPES.items() if r.get("amp") == "off"} == {"d2l", "mnist", "fmnist-best"}
+    assert {n for n, r in RECIPES.items() if r.settings.get("amp") == "off"} == {"d2l", "mnist", "fmnist-best"}
 
 
 # --- the scaled step ---------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _shown_defaults() -> Dict[str, str]:
     for f in dataclasses.fields(TrainConfig):
         value = getattr(resolved, f.name)
         text = "none" if value is None or value == {} else str(value).lower() if isinstance(value, bool) else str(value)
-        shown[f.name] = text + (" in the fast recipe" if f.name in RECIPES["fast"] else "")
+        shown[f.name] = text + (" in the fast recipe" if f.name in RECIPES["fast"].settings else "")
     return shown
 
 

@@ -231,8 +231,8 @@ class DenseNet(ImageClassifier):
         stem_width: with ``small_input``, a first full-resolution 3x3 conv of this many channels (0: none).
         bias: biased convolutions (d2l's layers); torchvision's have none.
         channels_last: keep weights and activations channels-last (NHWC), the layout in which oneDNN's
-            BatchNorm and convolutions run fastest on CPUs (1.3-1.5x for DenseNet-121 training on AVX2)
-            and tensor cores on GPUs; state dicts are unaffected.
+            BatchNorm and convolutions run fastest on CPUs and tensor cores on GPUs; state dicts are
+            unaffected.
         cross_stage_partial: if set (e.g. 0.5), each dense block becomes a CSP stage: that fraction of
             its input channels runs through the block, the rest bypasses it, and the transition fuses
             both (CSPDenseNet); the last block gets a 1x1 fusion without pooling.
@@ -402,13 +402,9 @@ def densenet_bc_fmnist(num_classes: int = 10, in_chans: int = 1, **kwargs) -> De
 def densenet_bc_cifar(num_classes: int = 10, in_chans: int = 3, **kwargs) -> DenseNet:
     """A small DenseNet-BC for 32x32 CIFAR-10 on a CPU budget (the ``cifar10`` recipe's network): a 3x3
     stride-1 conv, BN-ReLU and a 2x2 max-pool as the stem (the blocks work at 16x16, 8x8 and 4x4), k=16,
-    blocks 4-8-16, the paper's 4k bottleneck and theta 0.5 (577K params, 56.9 MFLOPs per image).
-
-    Why this shape: ``densenet_bc_fmnist`` (4k bottleneck) ends an hour of CIFAR-10 on a 2-core CPU at
-    91.6% train accuracy under augmentation, so capacity limits it; the full-resolution stem conv was
-    worth +0.8 points after a four-epoch run (for 7% more time) and the eight extra 4x4 layers add 62%
-    parameters for 11% more time. Over a whole hour the gain is small: 88.2% after 24 epochs against
-    88.0% after 28 for the smaller net (README, recipes).
+    blocks 4-8-16, the paper's 4k bottleneck and theta 0.5 (577K params, 56.9 MFLOPs per image). Wider and
+    deeper than ``densenet_bc_fmnist`` because an hour of CIFAR-10 is capacity-bound for that one (the
+    measurements are in docs/results.md).
     """
     kwargs.setdefault("small_input", True)
     kwargs.setdefault("stem_pool", True)

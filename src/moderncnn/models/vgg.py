@@ -143,7 +143,7 @@ class AirbenchVGG(ImageClassifier):
 
     ``whiten`` (24 channels for RGB: every eigenvector of the 2x2 patches and its negation) is set from
     the training images by ``init="whiten"`` and stays frozen; only its bias trains (the trainer's
-    ``whiten_bias_epochs`` limits that to the first epochs). The head is a bias-free linear layer of unit
+    ``first_conv_bias_epochs`` limits that to the first epochs). The head is a bias-free linear layer of unit
     standard deviation whose output is divided by its width.
 
     Args:

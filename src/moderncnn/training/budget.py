@@ -8,13 +8,11 @@ Constraints", ICLR 2020). The plan is remade after a few steps of the first epoc
 from the seconds per training image at each side trained so far and the seconds of one evaluation.
 
 The plan is counted in steps, not whole epochs, so the last epoch may see only part of the (shuffled)
-training set: rounded down to whole epochs, a 20-minute CIFAR-10 run of four-minute epochs planned 4
-epochs and ended after 876 s.
+training set: whole epochs would leave most of a budget's last epoch unused.
 
 One-time costs are kept out of the prices: on a GPU the first steps at a new image size and the first
-evaluation carry cuDNN's kernel search and the allocator's growth (an H100's first Fashion-MNIST epoch took
-27.5 s, the next ones 14-15 s; its first evaluation 3.5 s, the next ones 0.5 s). Priced at those, a 140 s
-budget was planned as 6 epochs and used 103 s of it.
+evaluation carry cuDNN's kernel search and the allocator's growth, and priced at those a budget is planned
+short (docs/results.md has the measurements).
 """
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ from .optim import LRSchedule
 
 __all__ = ["parse_budget", "EpochPlanner", "TrainingPlan", "TTA_VIEWS"]
 
-# Forward passes per test image at each TTA level (see engine.tta_views).
+# Forward passes per test image at each TTA level (see loop.tta_views).
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}
 
 
@@ -88,9 +86,9 @@ class EpochPlanner:
 
     def record_train(self, side: int, seconds: float, images: int, provisional: bool = False) -> None:
         """One epoch's training time at ``side``. The price of an epoch there is the median of the last three
-        measured: a shared 2-core machine has single epochs 20% slower than their neighbours, and priced at
-        such an epoch a plan in its second half shrinks for good (an hour of CIFAR-10 left 362 s unused after
-        two of them), while a lasting slowdown still moves the median within two epochs. A ``provisional``
+        measured: on a shared machine single epochs run slower than their neighbours, and priced at such an
+        epoch a plan in its second half shrinks for good, while a lasting slowdown still moves the median within
+        two epochs. A ``provisional``
         price (a few steps of an unmeasured run) stands until the side's first measured epoch replaces it."""
         if provisional:
             if images > 0 and seconds > 0 and not self._recent_rates.get(int(side)):

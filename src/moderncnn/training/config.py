@@ -10,11 +10,12 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..runs import RunInfo, TrainConfig, UsageError, normalize_amp
 
-__all__ = ["TrainConfig", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "merge_recipe", "validate", "recipe_names",
+__all__ = ["TrainConfig", "Recipe", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDGET_MAX_EPOCHS", "merge_recipe", "validate", "recipe_names",
            "train_side", "evaluates_after", "load_config_file", "INITS"]
 
 
@@ -37,82 +38,55 @@ SCHEDULES = ("cosine", "onecycle", "linear", "step", "constant")  # what --sched
 # The conv filters' default peak rate under Muon. CIFAR-10 probes (3 epochs, README): 0.02 < 0.05 = 0.1.
 MUON_LR = 0.05
 
-RECIPES: Dict[str, Dict[str, Any]] = {
-    # The default: a small DenseNet-BC, SGD + one-cycle, flips, label smoothing, 4 epochs. Random
-    # crops help longer runs but slow convergence in a four-epoch one (measured; see README).
-    "fast": dict(model="densenet_bc_fmnist", epochs=4, batch_size=128, optimizer="sgd", lr=0.2,
-                 schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="flip",
-                 channels_last=True),
-    # Dive into Deep Learning, chapter 7, exactly as the book trains (per-model values in D2L_SETTINGS).
-    # float32, as the book trains: the recipe reproduces its numbers.
-    "d2l": dict(epochs=10, optimizer="sgd", momentum=0.0, schedule="constant", warmup=0.0, weight_decay=0.0,
-                label_smoothing=0.0, ema=0.0, grad_clip=0.0, augment="none", normalize=False, init="xavier",
-                tta=False, amp="off"),
-    # DenseNet on MNIST (tutorial 2 uses Adam for 5 epochs).
-    # float32: its result has not been measured under bfloat16 yet.
-    "mnist": dict(dataset="mnist", model="densenet_bc_fmnist", epochs=5, batch_size=128, optimizer="adamw",
-                  lr=3e-3, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.0, augment="crop", amp="off"),
-    # DenseNet-BC on CIFAR-10 at 32x32: a small DenseNet-BC with a full-resolution stem, 33 epochs (what
-    # fits an hour of a 2-core CPU), crop + alternating flip, label smoothing, flip + shift TTA on the last
-    # epoch. Progressive resizing (24 -> 28 -> 32 over 70% of the epochs) buys 33 epochs in the time of 26
-    # at full size. 89.31% in 56 min. No EMA: at the end of the one-cycle schedule the raw weights scored
-    # 0.09-0.25 points above the EMA 0.999 weights of the same run, in all four runs that had both.
-    # Tried and not kept (README): crop2+altflip with label smoothing 0.2 88.98%, crop+altflip+erase 88.88%,
-    # a wider k=32 2-4-8 net 89.02%, a two-conv full-resolution stem (stem_width=32, 28 epochs to fit) 89.15%.
-    # Muon for the filters (SGD 0.2 for the rest): with the same 20-minute budget on one machine 84.11%
-    # against 81.93% for SGD alone; with an hour of a machine half as fast as the one above, 19 epochs, 89.08%.
-    # The recipe's own 33 Muon epochs: 90.03% (117 min on that slower machine; SGD's 33 took 56 min on the faster).
-    # bfloat16 autocast where the CPU has it natively (amp="auto": AVX512-BF16 or AMX; fp32 elsewhere) and
-    # the test set scored every 5th epoch: an hour of a 2-core Zen 4 (--budget 60m) trained 52.55 epochs,
-    # 90.06%. The wide, shallow net (growth_rate=(32,64,128), block_config=(2,2,2), bn_size=2) ran 1.4x as
-    # fast and fit 68.64 epochs in the same hour, but overfit (98.5% train accuracy): 89.93%.
-    "cifar10": dict(dataset="cifar10", model="densenet_bc_cifar", epochs=33, batch_size=128, optimizer="muon",
-                    muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
-                    label_smoothing=0.1, augment="crop+altflip", tta=2, channels_last=True, ema=0.0,
-                    progressive_size=24, progressive_fraction=0.7, eval_every=5, amp="auto"),
-    # Fashion-MNIST, an hour of a 2-core CPU: the default network with the paper's 4k bottleneck and the
-    # full-resolution stem (3x3 conv at 28x28, then a 2x2 max-pool), 33 epochs, erasing, flip + shift TTA
-    # (scored on the last epoch only, which left time for three more epochs than with per-epoch TTA).
-    # No EMA: the raw weights scored 94.12% against 94.01% for the EMA 0.999 weights of the same run.
-    # Muon for the filters: given an hour of a machine half as fast (--budget 60m: 19 epochs), 94.70%
-    # against SGD's 94.12% in 33 epochs on the faster one.
-    "fmnist-best": dict(model="densenet_bc_fmnist",
-                        model_kwargs=dict(bn_size=4, stem_stride=1, stem_pool=True), epochs=33, batch_size=128,
-                        optimizer="muon", muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
-                        label_smoothing=0.1, augment="crop+flip+erase", tta=2, ema=0.0, channels_last=True,
-                        amp="off"),  # float32: its hour-long result has not been measured under bfloat16 yet
-    # The airbench94_muon method (Jordan, arXiv 2404.00498) on the VGG-family vgg_airbench: frozen 2x2
-    # patch-whitening convolution set from the training images, its bias trained for the first 3 epochs
-    # only; Muon (momentum 0.6, filters renormalised each step) for the filters, Nesterov SGD (momentum
-    # 0.85) for the head and the BatchNorm shifts; every rate decays linearly to zero; label smoothing 0.2;
-    # translate-2 crops with the alternating flip; flip + shift TTA. airbench sums the loss over its
-    # batch: the rates here are its head 0.67 and bias 0.053 times the batch of 1000 (the same steps with
-    # a mean loss), and its decay of 2e-6 per image and step on the head comes to 2e-6 / 0.67.
-    # The rates and the whitening belong to vgg_airbench (model_options): another model trained with the
-    # recipe (moderncnn compare) keeps the schedule, batch, augmentation and Muon, with the default rates.
-    "cifar10-speedrun": dict(dataset="cifar10", model="vgg_airbench", epochs=8, batch_size=1000,
-                             optimizer="muon", muon_lr=0.24, momentum=0.85, schedule="linear", warmup=0.0,
-                             label_smoothing=0.2, augment="crop2+altflip", tta=2, ema=0.0, channels_last=True,
-                             amp="auto", eval_every=0, progressive_size=0,
-                             model_options=dict(lr=670.0, bias_lr=53.0, weight_decay=3e-6, muon_momentum=0.6,
-                                                muon_normalize=True, init="whiten", first_conv_bias_epochs=3)),
-    # The GPU recipes: DenseNet-BC (L=100, k=12) of the paper, bf16 autocast, channels-last, batch 512.
-    # Epochs as measured on one H100 (benchmarks/gpu_recipes.sh, each run sized to a few minutes).
-    # cifar10-gpu: Muon for the filters, 25 epochs (what `--budget 370` planned), alone on the GPU:
-    # 90.99% in 352 s; SGD's 24 epochs, sharing the GPU, 90.34% in 363 s. Train accuracy ends at 98.7%: the
-    # 94% goal needs regularisation as much as epochs. The step is bound by memory traffic (concatenation and
-    # BatchNorm: 54% of the GPU time), not by kernel launches; torchvision's network runs at the same speed.
-    "cifar10-gpu": dict(dataset="cifar10", model="densenet_bc_100", epochs=25, batch_size=512, optimizer="muon",
-                        muon_lr=0.05, lr=0.4, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1,
-                        augment="crop+flip", tta=2, amp="auto", channels_last=True),
-    # EMA is off: at 0.999 over a 15-epoch run (1,755 steps) the average still held 17% of the initial
-    # weights and scored 53.9% (train accuracy 95.1%); the CPU recipe's 15,000 steps do not have that problem.
-    # Without EMA, 12 epochs on one H100 (alone): 94.51% in 138 s. With Muon (`--optimizer muon --budget 140`,
-    # planned as 6 epochs before the planner stopped pricing evaluations at the cold first one): 94.15% in
-    # 103 s, no equal-time comparison yet, so the recipe stays on SGD.
-    "fmnist-best-gpu": dict(model="densenet_bc_100", epochs=12, batch_size=512, optimizer="sgd", lr=0.4,
-                            schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip+erase",
-                            tta=2, ema=0.0, amp="auto", channels_last=True),
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of training options: ``purpose`` in one line, ``settings`` as TrainConfig fields, and
+    ``model_options`` that apply only when the run trains the recipe's own model (rates tied to its output scale,
+    its whitening layer). What each reaches, and what was tried, is in docs/results.md."""
+
+    purpose: str
+    settings: Mapping[str, Any]
+    model_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+RECIPES: Dict[str, Recipe] = {
+    "fast": Recipe("the default run: a small DenseNet-BC on Fashion-MNIST in a few minutes of a 2-core CPU", dict(
+        model="densenet_bc_fmnist", epochs=4, batch_size=128, optimizer="sgd", lr=0.2, schedule="onecycle",
+        weight_decay=5e-4, label_smoothing=0.1, augment="flip", channels_last=True)),
+    "d2l": Recipe("Dive into Deep Learning, chapter 7, as the book trains (its rates, batches and sizes per model; "
+                  "float32)", dict(
+        epochs=10, optimizer="sgd", momentum=0.0, schedule="constant", warmup=0.0, weight_decay=0.0,
+        label_smoothing=0.0, ema=0.0, grad_clip=0.0, augment="none", normalize=False, init="xavier", tta=False,
+        amp="off")),
+    "mnist": Recipe("DenseNet on MNIST, Adam as tutorial 2 trains it (float32: not measured in bfloat16 yet)", dict(
+        dataset="mnist", model="densenet_bc_fmnist", epochs=5, batch_size=128, optimizer="adamw", lr=3e-3,
+        schedule="onecycle", weight_decay=5e-4, label_smoothing=0.0, augment="crop", amp="off")),
+    "cifar10": Recipe("DenseNet-BC on CIFAR-10 in an hour of a 2-core CPU", dict(
+        dataset="cifar10", model="densenet_bc_cifar", epochs=33, batch_size=128, optimizer="muon", muon_lr=0.05,
+        lr=0.2, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+altflip", tta=2,
+        channels_last=True, ema=0.0, progressive_size=24, progressive_fraction=0.7, eval_every=5, amp="auto")),
+    "fmnist-best": Recipe("the best Fashion-MNIST DenseNet-BC in an hour of a 2-core CPU (float32: not measured "
+                          "in bfloat16 yet)", dict(
+        model="densenet_bc_fmnist", model_kwargs=dict(bn_size=4, stem_stride=1, stem_pool=True), epochs=33,
+        batch_size=128, optimizer="muon", muon_lr=0.05, lr=0.2, schedule="onecycle", weight_decay=5e-4,
+        label_smoothing=0.1, augment="crop+flip+erase", tta=2, ema=0.0, channels_last=True, amp="off")),
+    # airbench sums its loss over the batch: the rates are its head 0.67 and bias 0.053 times the batch of 1000,
+    # and its decay of 2e-6 per image and step on the head comes to 2e-6 / 0.67.
+    "cifar10-speedrun": Recipe("airbench94_muon's method (Jordan, arXiv 2404.00498) on vgg_airbench: CIFAR-10 "
+                               "at speed", dict(
+        dataset="cifar10", model="vgg_airbench", epochs=8, batch_size=1000, optimizer="muon", muon_lr=0.24,
+        momentum=0.85, schedule="linear", warmup=0.0, label_smoothing=0.2, augment="crop2+altflip", tta=2, ema=0.0,
+        channels_last=True, amp="auto", eval_every=0, progressive_size=0),
+        model_options=dict(lr=670.0, bias_lr=53.0, weight_decay=3e-6, muon_momentum=0.6, muon_normalize=True,
+                           init="whiten", first_conv_bias_epochs=3)),
+    "cifar10-gpu": Recipe("DenseNet-BC (L=100, k=12) on CIFAR-10 in minutes of one GPU", dict(
+        dataset="cifar10", model="densenet_bc_100", epochs=25, batch_size=512, optimizer="muon", muon_lr=0.05,
+        lr=0.4, schedule="onecycle", weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip", tta=2,
+        amp="auto", channels_last=True)),
+    "fmnist-best-gpu": Recipe("DenseNet-BC (L=100, k=12) on Fashion-MNIST in minutes of one GPU", dict(
+        model="densenet_bc_100", epochs=12, batch_size=512, optimizer="sgd", lr=0.4, schedule="onecycle",
+        weight_decay=5e-4, label_smoothing=0.1, augment="crop+flip+erase", tta=2, ema=0.0, amp="auto",
+        channels_last=True)),
 }
 
 # d2l chapter 7: (learning rate, batch size, resize) per model.
@@ -145,7 +119,9 @@ def recipe_names():
 
 def _load_recipe(name: str) -> Dict[str, Any]:
     if name in RECIPES:
-        return dict(RECIPES[name])
+        recipe = RECIPES[name]
+        return {**recipe.settings, "model_options": dict(recipe.model_options)} if recipe.model_options else \
+            dict(recipe.settings)
     path = Path(name)
     if not path.is_file():
         path = Path("recipes") / f"{name}.json"
