@@ -43,8 +43,8 @@ def test_plan_counts_steps_so_the_last_epoch_may_be_partial():
     planner = _planner(95, steps_per_epoch=10)
     # 9 whole epochs end at 90 s; four tenths of a 10th epoch (3.6 s) and its evaluation end at 94.6 s.
     assert planner.plan(1, 10.0) == 94
-    assert planner.epochs(94) == 10 and planner.last_epoch_steps(94) == 4 and planner.last_epoch_steps(90) == 10
-    assert planner.predicted_seconds(94, 1, 10.0) == pytest.approx(94.6)
+    assert planner.epochs(94) == 10 and planner.epochs(90) == 9
+    assert planner.predicted_seconds(94, 10, 10.0) == pytest.approx(94.6)
     assert _planner(100, steps_per_epoch=10).plan(1, 10.0) == 100  # whole epochs where they fit exactly
     assert _planner(100, steps_per_epoch=10).plan(3, 150.0) == 30  # over the budget: the committed epochs
     # In the second half a plan within a quarter epoch of the budget is kept, in steps.
@@ -59,7 +59,7 @@ def test_a_plan_made_mid_epoch_may_end_before_an_epoch_longer_than_the_budget():
     planner.record_train(32, 300.0, 1000)
     planner.record_eval(1.0)
     assert planner.plan_mid_epoch(5, 15.0, current=800) == 19
-    assert planner._predicted(19, 5, 15.0) == pytest.approx(58.0)
+    assert planner.predicted_seconds(19, 5, 15.0) == pytest.approx(58.0)
     assert planner.plan(1, 301.0) == 100
     # Over the budget already: twice the steps done, so the schedule still decays over some steps.
     assert planner.plan_mid_epoch(5, 58.0, current=800) == 10
@@ -67,7 +67,7 @@ def test_a_plan_made_mid_epoch_may_end_before_an_epoch_longer_than_the_budget():
     assert planner.plan_mid_epoch(90, 58.0, current=800) == 100
     assert planner.plan_mid_epoch(150, 58.0, current=800) == 200
     # Whole epochs are priced as before: the epoch under way counts its remaining steps and evaluation.
-    assert planner._predicted(200, 150, 0.0) == pytest.approx(50 * 3 + 1)
+    assert planner.predicted_seconds(200, 150, 0.0) == pytest.approx(50 * 3 + 1)
 
 
 def test_plan_prices_only_the_evaluations_eval_every_runs():

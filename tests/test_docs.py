@@ -57,7 +57,7 @@ def test_generated_cli_reference_and_changelog_are_current():
 
 
 def test_generate_check_reports_a_stale_page(tmp_path, monkeypatch, capsys):
-    for name in ("models.md", "cli.md", "changelog.md"):
+    for name in ("models.md", "cli.md", "changelog.md", "training.md"):
         (tmp_path / name).write_text((ROOT / "docs" / name).read_text())
     (tmp_path.parent / "CHANGELOG.md").write_text((ROOT / "CHANGELOG.md").read_text())
     (tmp_path / "cli.md").write_text("# an old reference\n")

@@ -255,9 +255,6 @@ class Loader:
         n = self.num_samples
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def _seed_for(self, epoch: int, stream: int) -> int:
         return (self.seed * 1_000_003 + epoch * 7919 + stream) % (2 ** 63)
 

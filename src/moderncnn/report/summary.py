@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["SummaryRow", "ModelSummary", "summary", "count_parameters", "count_flops", "human"]
+__all__ = ["SummaryRow", "ModelSummary", "summary", "count_parameters", "human"]
 
 
 @dataclass
@@ -104,11 +104,6 @@ def _is_transparent(module: nn.Module) -> bool:
     # Plain Sequential containers (a model's "features", a ResNet stage) only group layers: their
     # children are listed in their place, so depth 1 reads block by block, as d2l prints networks.
     return type(module) is nn.Sequential
-
-
-def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
-    """FLOPs of one forward pass at ``input_size`` (N x C x H x W), counted in eval mode."""
-    return summary(model, input_size).total_flops
 
 
 @torch.no_grad()

@@ -134,16 +134,7 @@ class EpochPlanner:
         """Epochs a plan of ``steps`` steps takes (its last one may be partial)."""
         return -(-int(steps) // self.steps_per_epoch)
 
-    def last_epoch_steps(self, steps: int) -> int:
-        """Steps of the last epoch of a plan of ``steps`` steps (``steps_per_epoch`` for a whole one)."""
-        return int(steps) - (self.epochs(steps) - 1) * self.steps_per_epoch
-
-    def predicted_seconds(self, steps: int, committed: int, spent: float) -> float:
-        """Seconds at the end of a run of ``steps`` steps; ``committed`` epochs (whole, at most the plan's)
-        are done or under way and together cost ``spent``."""
-        return self._predicted(steps, committed * self.steps_per_epoch, spent)
-
-    def _predicted(self, steps: int, done: int, spent: float) -> float:
+    def predicted_seconds(self, steps: int, done: int, spent: float) -> float:
         """Seconds at the end of a run of ``steps`` steps, ``done`` of which (and the evaluations of the epochs
         they complete) cost ``spent``; an epoch under way is priced for its remaining steps and evaluation."""
         per_eval, per_epoch = self.evaluation_seconds(), self.steps_per_epoch
@@ -162,13 +153,13 @@ class EpochPlanner:
 
     def _fit(self, done: int, spent: float, limit: float, least: Optional[int] = None) -> int:
         lo, hi = max(done, least or 0), self.max_epochs * self.steps_per_epoch
-        if self._predicted(lo, done, spent) > limit:
+        if self.predicted_seconds(lo, done, spent) > limit:
             return lo
-        if self._predicted(hi, done, spent) <= limit:  # predicted(lo) fits; find the last that does
+        if self.predicted_seconds(hi, done, spent) <= limit:  # predicted(lo) fits; find the last that does
             return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._predicted(mid, done, spent) <= limit:
+            if self.predicted_seconds(mid, done, spent) <= limit:
                 lo = mid
             else:
                 hi = mid
@@ -198,7 +189,7 @@ class EpochPlanner:
         if current is None or 2 * done < current:
             return self._fit(done, spent, self.budget, least)
         quarter_epoch = (self.epoch_train_seconds(self.full_side) + self.evaluation_seconds()) / 4
-        if self._predicted(current, done, spent) > self.budget + quarter_epoch:
+        if self.predicted_seconds(current, done, spent) > self.budget + quarter_epoch:
             return self._fit(done, spent, self.budget, least)
         return max(done, current)
 

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from .config import MUON_LR
 
-__all__ = ["param_groups", "build_optimizer", "Muon", "orthogonalize", "LRSchedule", "build_scheduler",
+__all__ = ["param_groups", "build_optimizer", "Muon", "orthogonalize", "LRSchedule",
            "ema_warmup_fn"]
 
 
@@ -233,10 +233,6 @@ class LRSchedule:
                 return 0.04 + 0.96 * t / peak
             return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * (t - peak) / (1 - peak)))
         raise ValueError(f"unknown schedule {self.kind!r}")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(kind, total_steps, warmup_steps))
 
 
 def ema_warmup_fn(decay: float):

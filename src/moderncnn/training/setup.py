@@ -294,15 +294,19 @@ def _build(resolved: ResolvedConfig, dist: DistInfo, run_dir: Path, lock: Option
         whiten_first_conv(model, train_set.images, mean, std, image_size=image_size)
     if getattr(model, "pretrained_cfg", None) and cfg.normalize:
         mean, std = list(model.pretrained_cfg["mean"]), list(model.pretrained_cfg["std"])
-    spec = ModelSpec(cfg.model, train_set.num_classes, channels, image_size, list(train_set.classes), mean, std,
-                     model_kwargs, list(train_set.images.shape[-2:]), cfg.dataset, cfg.resize,
-                     eval_crop=augment.rrc and train_set.images.shape[-1] > image_size)
+    spec = ModelSpec(model_name=cfg.model, num_classes=train_set.num_classes, in_chans=channels,
+                     image_size=image_size, classes=list(train_set.classes), mean=mean, std=std,
+                     model_kwargs=model_kwargs, native_size=list(train_set.images.shape[-2:]), dataset=cfg.dataset,
+                     resize=cfg.resize, eval_crop=augment.rrc and train_set.images.shape[-1] > image_size)
     splits = [s for s in (train_set, val_set, test_set) if s is not None]
-    info = RunInfo(cfg, spec, count_parameters(model), count_parameters(model, trainable_only=True),
-                   summary(model, (1, channels, image_size, image_size)).total_flops, len(train_set),
-                   len(val_set) if val_set is not None else 0, len(test_set), validation, train_set.storage,
-                   sum(len(s.skipped) for s in splits), frozen, precision.description, dist.world_size,
-                   software_versions(device), data_fingerprint=fingerprint)
+    info = RunInfo(config=cfg, spec=spec, params=count_parameters(model),
+                   trainable_params=count_parameters(model, trainable_only=True),
+                   flops_per_image=summary(model, (1, channels, image_size, image_size)).total_flops,
+                   train_images=len(train_set), val_images=len(val_set) if val_set is not None else 0,
+                   test_images=len(test_set), validation=validation, data_storage=train_set.storage,
+                   skipped_files=sum(len(s.skipped) for s in splits), frozen=frozen,
+                   precision=precision.description, world_size=dist.world_size, versions=software_versions(device),
+                   data_fingerprint=fingerprint)
     model, net = _place(model, cfg, device, dist)
     train_loader, val_loader, test_loader = _loaders(cfg, augment, (train_set, val_set, test_set), image_size, mean,
                                                      std, device, dist)
