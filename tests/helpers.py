@@ -8,6 +8,10 @@ import numpy as np
 import moderncnn.data
 from moderncnn.training import Callback
 
+# The giants: exercised at their minimum size (or in slow tests) only, to keep the default run short.
+HUGE = frozenset({"vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "alexnet",
+                  "alexnet_d2l", "vgg_d2l", "resnet152", "resnet101", "densenet264", "densenet161", "densenet201"})
+
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True, magic: int = None):
     """moderncnn's own writer, or, given a ``magic`` number, a deliberately wrong header."""

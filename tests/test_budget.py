@@ -212,9 +212,7 @@ def test_a_budget_replaces_the_recipes_epochs_unless_epochs_are_given():
         resolve_config(TrainConfig(budget=-1))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64, learnable=True)
+TINY_MNIST = (128, 64)
 
 
 def test_a_spent_budget_ends_the_schedule_in_the_epoch_it_plans(data_dir, tmp_path, capsys):

@@ -79,3 +79,22 @@ def test_summary_json_totals_match_the_model():
     assert data["params"] == count_parameters(create_model("nin", num_classes=10, in_chans=1))
     assert data["input_size"] == [2, 1, 224, 224] and data["output_shape"] == [2, 10]
     assert data["layers"] and {"name", "output_shape", "params", "flops"} <= set(data["layers"][0])
+
+
+def test_train_cli_has_every_flag():
+    from moderncnn.cli import build_parser
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ["--model", "--dataset", "--data-dir", "--image-size", "--epochs", "--batch-size", "--lr",
+                 "--optimizer", "--schedule", "--warmup", "--weight-decay", "--label-smoothing", "--ema",
+                 "--grad-clip", "--subset", "--recipe", "--seed", "--device", "--amp", "--channels-last",
+                 "--compile", "--out", "--name", "--resume", "--no-progress", "--tta", "--progressive-size",
+                 "--progressive-fraction"]:
+        assert flag in text, flag
+
+
+def test_model_args_are_python_literals():
+    from moderncnn.cli import parse_model_args
+    assert parse_model_args(["small_input=True", "drop_rate=0.2", "block_config=(4, 8, 8)", "style=d2l"]) == {
+        "small_input": True, "drop_rate": 0.2, "block_config": (4, 8, 8), "style": "d2l"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_model_args(["small_input"])

@@ -1,20 +1,19 @@
 """moderncnn compare on a tiny generated dataset: every file, every row, resume, budget."""
 import csv
 import json
+import logging
 
 import pytest
 
+import moderncnn
 from moderncnn.compare import compare, parse_budget
-
-from helpers import make_mnist
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64, learnable=True)
+from moderncnn.report.summary import count_parameters, summary
 
 
-def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, capsys):
+TINY_MNIST = (128, 64)
+
+
+def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, caplog):
     models = ["densenet_bc_fmnist", "resnet18"]
     comp = compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
                    data_dir=str(data_dir), batch_size=32, image_size=32)
@@ -25,17 +24,20 @@ def test_compare_two_models_writes_report_and_resumes(data_dir, tmp_path, capsys
     assert sorted(r["model"] for r in rows) == sorted(models)
     accs = [float(r["final_acc"]) for r in rows]
     assert accs == sorted(accs, reverse=True)  # sorted by accuracy
-    for r in rows:
-        assert int(r["params"]) > 0 and int(r["flops_per_image"]) > 0 and float(r["peak_memory_mb"]) > 0
+    for r in rows:  # the columns describe each run's own network, measured again here
+        model = moderncnn.load_model(comp / r["model"])
+        assert int(r["params"]) == count_parameters(model)
+        assert int(r["flops_per_image"]) == summary(model, (1, 1, 32, 32)).total_flops
+        assert 50 < float(r["peak_memory_mb"]) < 64 * 1024  # the process's peak RSS: a real size, in MB
         assert int(r["epochs_done"]) == 1
     report = (comp / "report.md").read_text()
     assert all(f"| {m} |" in report for m in models) and "FLOPs/image" in report
     stamp = (comp / "resnet18" / "summary.json").stat().st_mtime_ns
-    capsys.readouterr()
-    compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
-            data_dir=str(data_dir), batch_size=32, image_size=32)
-    out = capsys.readouterr().out
-    assert out.count("finished earlier, skipped") == 2
+    with caplog.at_level(logging.INFO, logger="moderncnn"):
+        compare(models, dataset="mnist", epochs=1, out=str(tmp_path), name="cmp", progress=False,
+                data_dir=str(data_dir), batch_size=32, image_size=32)
+    notes = [r.getMessage() for r in caplog.records if r.name == "moderncnn.compare"]
+    assert sum("finished earlier, skipped" in n for n in notes) == 2 and notes[-1].startswith("comparison report: ")
     assert (comp / "resnet18" / "summary.json").stat().st_mtime_ns == stamp
 
 

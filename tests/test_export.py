@@ -1,6 +1,7 @@
 """Export: torch.export (.pt2) and ONNX (dynamo) for every registered model, equal to PyTorch; safetensors into
 torchvision's models; AOTInductor; TorchScript; export + predict of a run in every format."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ import moderncnn
 from moderncnn import create_model, list_models
 from moderncnn.export import FORMATS, export, export_model, load_exported, meta_path
 
+from helpers import HUGE
+
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-HUGE = {"vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "alexnet",
-        "alexnet_d2l", "vgg_d2l", "resnet152", "resnet101", "densenet264", "densenet161", "densenet201", "nin"}
+# NiN joins the giants here: its exports are checked at its ImageNet size only.
+LARGE = HUGE | {"nin"}
 
 
 def _calibrated(name, size, num_classes=10, in_chans=1, **kwargs):
@@ -58,12 +61,20 @@ def _check_export(name, tmp_path, fmt, default_size=False, onnx_exporter="dynamo
     path.unlink()  # VGG at 224 is ~0.5 GB: a session of them must not fill a small /tmp
 
 
-# Representatives of the families for the default suite; the dynamo ONNX exporter takes ~10 s a model.
+# Representatives of the families for the default suite; the dynamo ONNX exporter takes ~10 s a model, and
+# torch.export several seconds for the deeper DenseNets. The slow tests cover every other model.
 ONNX_FAST = ["densenet_bc_fmnist", "resnet18", "googlenet_d2l", "cspresnet50"]
+PT2_FAST = ONNX_FAST + ["densenet121", "resnet_d2l", "vgg_airbench", "densenet_d2l"]
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in HUGE])
+@pytest.mark.parametrize("name", PT2_FAST)
 def test_pt2_export_matches_pytorch(name, tmp_path):
+    _check_export(name, tmp_path, "pt2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in LARGE and n not in PT2_FAST])
+def test_pt2_export_matches_pytorch_every_model(name, tmp_path):
     _check_export(name, tmp_path, "pt2")
 
 
@@ -73,7 +84,7 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in HUGE and n not in ONNX_FAST])
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in LARGE and n not in ONNX_FAST])
 def test_onnx_export_matches_pytorch_every_model(name, tmp_path):
     _check_export(name, tmp_path, "onnx")
 
@@ -83,7 +94,7 @@ def test_legacy_onnx_exporter_on_request(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(HUGE))
+@pytest.mark.parametrize("name", sorted(LARGE))
 def test_export_matches_pytorch_large_models(name, tmp_path):
     # At their ImageNet size: ONNX cannot express an adaptive pool that upsamples (AlexNet/VGG at 32x32).
     _check_export(name, tmp_path, "onnx", default_size=True)
@@ -127,10 +138,12 @@ def test_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["densenet121", "resnet18_wrc", "googlenet", "cspresnet50"])
-def test_torchscript_roundtrip(name, tmp_path, capfd):
+def test_torchscript_roundtrip(name, tmp_path, caplog):
     model = create_model(name, num_classes=5, in_chans=3).eval()
-    path = export_model(model, tmp_path / "m.torchscript.pt", "torchscript", (3, 64, 64))
-    assert "TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it" in capfd.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="moderncnn"):
+        path = export_model(model, tmp_path / "m.torchscript.pt", "torchscript", (3, 64, 64))
+    assert [r.getMessage() for r in caplog.records if r.name == "moderncnn.export"] == [
+        "TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it"]
     loaded = load_exported(path)
     for batch in (1, 4):
         x = torch.randn(batch, 3, 64, 64)
@@ -156,7 +169,10 @@ def test_export_run_and_predict_in_every_format(tmp_path, capsys):
     from moderncnn.predict import evaluate_checkpoint
     reference = evaluate_checkpoint(str(run))
     for fmt in ("onnx", "pt2", "safetensors", "torchscript"):
+        capsys.readouterr()
         assert main(["export", str(run), "--format", fmt]) == 0
+        deprecation = "moderncnn: warning: TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it"
+        assert (deprecation in capsys.readouterr().err) == (fmt == "torchscript")
         path = run / f"model{FORMATS[fmt]}"
         meta = json.loads(meta_path(path).read_text())
         assert meta["classes"] == [str(i) for i in range(10)] and len(meta["mean"]) == 1

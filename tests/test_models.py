@@ -12,11 +12,9 @@ from moderncnn import create_model, list_models
 from moderncnn.models import InputTooSmallError, UnknownModelError
 from moderncnn.models.layers import min_input_size
 
-ALL_MODELS = list_models()
-# The giants are exercised at their minimum size only, to keep the default run short.
-HUGE = {"vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "alexnet",
-        "alexnet_d2l", "vgg_d2l", "resnet152", "resnet101", "densenet264", "densenet161", "densenet201"}
+from helpers import HUGE
 
+ALL_MODELS = list_models()
 EXPECTED_NAMES = """alexnet alexnet_d2l vgg11 vgg13 vgg16 vgg19 vgg11_bn vgg13_bn vgg16_bn vgg19_bn vgg_d2l
 nin googlenet googlenet_d2l resnet18 resnet34 resnet50 resnet101 resnet152 resnet_d2l resnet18_wrc
 cspresnet50 cspdensenet121 densenet_d2l densenet40 densenet_bc_100 densenet121 densenet161 densenet169
@@ -433,6 +431,7 @@ def test_optimize_for_inference_auto_takes_bfloat16_where_the_cpu_has_it(monkeyp
         optimize_for_inference(create_model("nin", num_classes=10, in_chans=1), precision="float32")
 
 
+@pytest.mark.slow  # an Inductor compile: ~30 s on 2 cores
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="no C++ compiler")
 def test_optimize_for_inference_compiled_equals_model_at_every_batch_size():
     from moderncnn.models.inference import optimize_for_inference

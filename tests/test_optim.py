@@ -171,3 +171,12 @@ def test_training_with_muon_learns_and_resumes(tmp_path):
     assert "muon lr 0.05 momentum 0.9 (conv filters) + sgd lr 0.2 momentum 0.9 (the rest)" in report
     resumed = moderncnn.train(epochs=2, name="muon", resume=str(tmp_path / "muon"), **common)
     assert resumed.config.optimizer == "muon" and len(resumed.history) == 2
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from moderncnn.training.optim import param_groups
+    model = moderncnn.create_model("resnet18_wrc", num_classes=3, in_chans=1)
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim > 1), name

@@ -23,11 +23,6 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 FP16 = dict(amp="fp16", model_kwargs=dict(growth_rate=4, block_config=(2, 2)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=384, n_test=128, learnable=True)
-
-
 # --- the decision ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("capability, kind, scaled, words", [

@@ -22,9 +22,7 @@ from moderncnn.training import callbacks as train_callbacks
 from helpers import make_mnist, tiny
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=192, n_test=64, learnable=True)
+TINY_MNIST = (192, 64)  # steps are counted below
 
 
 def _cli(*args, env=None, timeout=300):
@@ -291,11 +289,16 @@ def _damage(path, content):
 
 @pytest.mark.parametrize("name, kind, content, message",
                          [(n, k, c, m) for n, cases in DAMAGE.items() for k, c, m in cases])
-def test_damaged_run_files_are_named_and_do_not_stop_eval_predict_export(one_epoch, tmp_path, name, kind, content,
-                                                                           message):
+def test_damaged_run_files_are_named(one_epoch, name, kind, content, message):
     _damage(one_epoch / name, content)
     with pytest.raises(RunFileError, match=rf"{name}: .*({message})"):
         load_run(one_epoch)
+
+
+# The commands read a run through load_run, checked above for every kind of damage: one kind per file here.
+@pytest.mark.parametrize("name, content", [(n, cases[0][1]) for n, cases in DAMAGE.items()], ids=list(DAMAGE))
+def test_a_damaged_run_file_does_not_stop_eval_or_predict_and_report_names_it(one_epoch, tmp_path, name, content):
+    _damage(one_epoch / name, content)
     assert _cli("eval", one_epoch).returncode == 0
     image = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
@@ -336,6 +339,20 @@ def test_usage_errors_exit_2_and_runtime_failures_exit_1(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     proc = _cli("eval", tmp_path / "nothing.pt", "--debug")
     assert "Traceback" in proc.stderr
+
+
+def test_the_library_log_shows_on_the_console_only_under_the_command_line(capsys):
+    import logging
+    from moderncnn.cli import _console_logging
+    log = logging.getLogger("moderncnn.compare")
+    log.info("before")  # a program that configured no logging sees no notes
+    with _console_logging():
+        log.info("[1/2] a note")
+        log.warning("slow")
+    log.info("after")
+    captured = capsys.readouterr()
+    assert captured.out == "[1/2] a note\n" and captured.err == "moderncnn: warning: slow\n"
+    assert all(isinstance(h, logging.NullHandler) for h in logging.getLogger("moderncnn").handlers)
 
 
 def test_warnings_keep_their_origin():

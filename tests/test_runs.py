@@ -2,6 +2,7 @@
 best.pt, replaying a run's config, callbacks, and the one-line errors of bad input."""
 import csv
 import dataclasses
+import functools
 import json
 import re
 
@@ -18,18 +19,10 @@ from moderncnn.runs import (FORMAT_VERSION, METRIC_FIELDS, RunFormatError, Train
                             resolve_checkpoint)
 from moderncnn.training import Callback, NonFiniteLossError, resolve_config
 
-from helpers import make_mnist
+import helpers
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=320, n_test=96, learnable=True)
-
-
-def tiny(data_dir, out, **kw):
-    base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=3, batch_size=64,
-                out=str(out), name="run", progress=False, lr=0.2, seed=1, augment="none")
-    return {**base, **kw}
+TINY_MNIST = (320, 96)
+tiny = functools.partial(helpers.tiny, epochs=3, seed=1)
 
 
 @pytest.fixture(scope="module")

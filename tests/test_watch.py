@@ -1,5 +1,6 @@
 """Watching training: TensorBoard, live notebook curves, show_run, the LR range test, the worst-classified
 images, and output that scripts can read."""
+import functools
 import json
 import subprocess
 import sys
@@ -12,18 +13,10 @@ from PIL import Image
 import moderncnn
 from moderncnn.cli import main
 
-from helpers import make_mnist
+import helpers
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64, learnable=True)
-
-
-def tiny(data_dir, out, **kw):
-    base = dict(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=1, batch_size=64,
-                out=str(out), name="run", progress=False, lr=0.2, seed=2, augment="none")
-    return {**base, **kw}
+TINY_MNIST = (256, 64)
+tiny = functools.partial(helpers.tiny, epochs=1, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,15 @@
 see it, train it, compare it, export it.
 
 The names below load on first use: ``import moderncnn.models`` builds models without loading the trainer.
+Library messages (notes, warnings about the run) go to the ``logging`` logger ``"moderncnn"``; the command line
+shows them, a program configures logging as it likes.
 """
 import importlib
+import logging
 
 from ._version import __version__
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # name -> the module that defines it
 _EXPORTS = {

@@ -6,8 +6,10 @@ table; the train flags are the fields of :class:`~moderncnn.runs.TrainConfig`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import warnings
@@ -480,6 +482,34 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return _default_format(message, category, filename, lineno, line)
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log on the console: notes to stdout as they are, warnings to stderr as one line each,
+    written to the streams of the moment (a test's capture, a redirect made after start-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                print(f"moderncnn: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+            else:
+                print(record.getMessage(), flush=True)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _console_logging():
+    """Show the ``moderncnn`` logger's info and warnings on the console for one command."""
+    logger, handler = logging.getLogger("moderncnn"), _ConsoleHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _usage_errors() -> tuple:
     """Bad values and combinations, which exit 2 as argparse's do (failures at run time exit 1)."""
     from .models.layers import InputTooSmallError
@@ -504,7 +534,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
     try:
-        return int(args.func(args) or 0)
+        with _console_logging():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"moderncnn {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import platform
 import shlex
@@ -23,6 +24,8 @@ from .report.plots import plot_comparison_curves, plot_tradeoff
 from .report.summary import human
 from .runs import Run, RunFileError, TrainConfig, load_run, read_json_file, run_name
 from .training.budget import parse_budget
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["compare", "parse_budget", "write_comparison_report"]
 
@@ -71,7 +74,7 @@ def compare(models: Sequence[str], out: str = "runs", name: Optional[str] = None
     if settings_file.exists():
         previous = read_json_file(settings_file)
         if previous.get("models") != models:
-            print(f"note: {comp_dir} held a comparison of {previous.get('models')}; continuing with {models}")
+            logger.info(f"note: {comp_dir} held a comparison of {previous.get('models')}; continuing with {models}")
     write_text_atomic(settings_file, json.dumps({"models": models, "options": options, "command": command,
                                                  "train_args": list(train_args)}, indent=2) + "\n")
     options_file = comp_dir / "train-options.json"
@@ -79,18 +82,17 @@ def compare(models: Sequence[str], out: str = "runs", name: Optional[str] = None
     for index, model in enumerate(models, 1):
         run_dir = comp_dir / model
         if (run_dir / "summary.json").is_file() and (run_dir / "report.md").is_file():
-            print(f"[{index}/{len(models)}] {model}: finished earlier, skipped", flush=True)
+            logger.info(f"[{index}/{len(models)}] {model}: finished earlier, skipped")
             continue
         cmd = _train_command(model, run_dir, comp_dir, options_file, train_args, progress)
-        print(f"[{index}/{len(models)}] {model}: moderncnn {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        logger.info(f"[{index}/{len(models)}] {model}: moderncnn {' '.join(shlex.quote(c) for c in cmd)}")
         proc = subprocess.run([sys.executable, "-m", "moderncnn", *cmd])
         if proc.returncode in (130, 143):
             raise KeyboardInterrupt
         if proc.returncode != 0:
-            print(f"[{index}/{len(models)}] {model}: failed with exit code {proc.returncode}; continuing",
-                  file=sys.stderr, flush=True)
+            logger.warning(f"[{index}/{len(models)}] {model}: failed with exit code {proc.returncode}; continuing")
     write_comparison_report(comp_dir)
-    print(f"comparison report: {comp_dir / 'report.md'}", flush=True)
+    logger.info(f"comparison report: {comp_dir / 'report.md'}")
     return comp_dir
 
 

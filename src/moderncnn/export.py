@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -25,6 +25,8 @@ from .models.inference import fold_batchnorm
 from .exported import FORMATS, exported_format, load_exported, meta_path
 from .runlock import remove_stale_temporaries, temporary_name
 from .runs import ModelSpec, UsageError, build_model, read_checkpoint, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["export", "export_model", "FORMATS", "ONNX_EXPORTERS", "load_exported", "exported_format", "meta_path"]
 
@@ -100,8 +102,7 @@ def _has_dynamo_exporter() -> bool:
 
 
 def _write_torchscript(model, example, target: Path, opset: int, exporter: str) -> None:
-    print("moderncnn: warning: TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it",
-          file=sys.stderr)
+    logger.warning("TorchScript is deprecated in torch; --format pt2 (torch.export) replaces it")
     with torch.no_grad(), warnings.catch_warnings():
         # torch's own deprecation notice (said above) and the tracer's notes on Python values it records as constants
         warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
