@@ -222,3 +222,17 @@ def test_the_cycle_checker_sees_a_cycle_through_a_lazy_import(tmp_path):
     (pkg / "models" / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                              "    from .vgg import x\n")
     assert import_cycles(pkg) == [["moderncnn.models.registry", "moderncnn.models.vgg"]]
+
+
+def test_the_config_visits_no_file_more_than_three_times_on_its_way_to_the_first_epoch(tmp_path):
+    import importlib.util
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "config_trace.py"
+    spec = importlib.util.spec_from_file_location("config_trace", script)
+    config_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_trace)
+    path = config_trace.trace_config_path(config_trace.make_folder(tmp_path / "data"), tmp_path / "runs")
+    assert path[0][0] == "runs.py" and path[-1] == ("training/loop.py", "train_one_epoch")
+    visits = config_trace.visits(path)
+    assert {"training/resolve.py", "training/setup.py", "training/budget.py"} <= set(visits)
+    assert max(visits.values()) <= 3, visits
+    assert config_trace.visits([("a.py", "f"), ("a.py", "g"), ("b.py", "h"), ("a.py", "k")]) == {"a.py": 2, "b.py": 1}

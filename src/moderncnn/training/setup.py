@@ -310,8 +310,6 @@ def _build(resolved: ResolvedConfig, dist: DistInfo, run_dir: Path, lock: Option
     model, net = _place(model, cfg, device, dist)
     train_loader, val_loader, test_loader = _loaders(cfg, augment, (train_set, val_set, test_set), image_size, mean,
                                                      std, device, dist)
-    plan = TrainingPlan(cfg, len(train_loader), image_size, len(train_set), len(test_set) + info.val_images,
-                        agree=lambda steps: int(broadcast_object(int(steps), dist)))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
                                 head_lr_mult=head_lr_mult, head_names=model.head_names if frozen else (),
                                 muon_lr=cfg.muon_lr, bias_lr=cfg.bias_lr, muon_momentum=cfg.muon_momentum,
@@ -322,9 +320,12 @@ def _build(resolved: ResolvedConfig, dist: DistInfo, run_dir: Path, lock: Option
         from torch.optim.swa_utils import AveragedModel
         ema = AveragedModel(model, multi_avg_fn=ema_warmup_fn(cfg.ema), use_buffers=True)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    allocator = _tune_allocator(cfg, device)
+    # the plan last: the setup hands over to the budget once (see benchmarks/config_trace.py)
+    plan = TrainingPlan(cfg, len(train_loader), image_size, len(train_set), len(test_set) + info.val_images,
+                        agree=lambda steps: int(broadcast_object(int(steps), dist)))
     return TrainSetup(cfg=cfg, device=device, dist=dist, precision=precision, train_set=train_set, val_set=val_set,
                       test_set=test_set, info=info, model=model, net=net, optimizer=optimizer,
                       scheduler=plan.scheduler(optimizer), ema=ema, criterion=criterion, plan=plan,
                       train_loader=train_loader, val_loader=val_loader, test_loader=test_loader, run_dir=run_dir,
-                      allocator=_tune_allocator(cfg, device),
-                      backward=ScaledBackward(make_grad_scaler(precision, device)), lock=lock)
+                      allocator=allocator, backward=ScaledBackward(make_grad_scaler(precision, device)), lock=lock)
