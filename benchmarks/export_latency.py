@@ -1,6 +1,7 @@
-"""Inference latency of the exported formats against eager PyTorch, side by side in one process: eager eval
-(BatchNorm as trained), the torch.export program (.pt2), the AOTInductor package (.aoti.pt2) and ONNX Runtime,
-at batch 1 and batch 128; best of interleaved rounds.
+"""Inference latency and parity of the exported formats against eager PyTorch, side by side in one process:
+eager eval (BatchNorm as trained), the torch.export program (.pt2), the AOTInductor package (.aoti.pt2), ONNX
+Runtime, safetensors weights loaded back into the model, and TorchScript, at batch 1 and batch 128; best of
+interleaved rounds. Parity is the largest absolute difference of any logit from eager's, over both batches.
 
     python benchmarks/export_latency.py [--model densenet_bc_fmnist] [--rounds 5]
 """
@@ -39,7 +40,7 @@ def main() -> None:
     model.eval()
     work = Path(tempfile.mkdtemp())
     runners = {"eager": model}
-    for fmt in ("pt2", "aoti"):
+    for fmt in ("pt2", "aoti", "safetensors", "torchscript"):
         start = time.perf_counter()
         path = export_model(model, work / f"m{FORMATS[fmt]}", fmt, size)
         print(f"export {fmt}: {time.perf_counter() - start:.1f} s", flush=True)
@@ -50,6 +51,7 @@ def main() -> None:
     runners["onnxruntime"] = lambda x: runtime.run(None, {"images": x.numpy()})[0]
     print(f"{args.model}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}")
+    parity = {name: 0.0 for name in runners}
     for batch, repeats in ((1, 50), (128, 3)):
         x = torch.randn(batch, *size)
         best = {name: float("inf") for name in runners}
@@ -62,6 +64,11 @@ def main() -> None:
         line = "  ".join(f"{name} {seconds * 1000:.2f} ms ({best['eager'] / seconds:.2f}x)"
                          for name, seconds in best.items())
         print(f"batch {batch:3d}: {line}", flush=True)
+        with torch.no_grad():
+            expected = model(x)
+            for name, fn in runners.items():
+                parity[name] = max(parity[name], (torch.as_tensor(fn(x)) - expected).abs().max().item())
+    print("max |logit - eager|: " + "  ".join(f"{name} {diff:.1e}" for name, diff in parity.items()))
 
 
 if __name__ == "__main__":
