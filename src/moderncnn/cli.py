@@ -378,8 +378,8 @@ def _export_arguments(p):
                         "fine-tuning; aoti: an AOTInductor package (needs a C++ compiler); torchscript: "
                         "deprecated in torch (default: onnx)")
     p.add_argument("--out", "--output", dest="output", default=None,
-                   help="file to write (default: model.pt2, model.onnx, model.safetensors, model.aoti.pt2 or "
-                        "model.torchscript.pt beside the checkpoint)")
+                   help="file to write (--output is the old spelling) (default: model.pt2, model.onnx, "
+                        "model.safetensors, model.aoti.pt2 or model.torchscript.pt beside the checkpoint)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--onnx-exporter", choices=list(ONNX_EXPORTERS), default="dynamo",
                    help="dynamo (torch.onnx.export(dynamo=True)), or the legacy TorchScript-based exporter, "
