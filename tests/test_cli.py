@@ -98,3 +98,14 @@ def test_model_args_are_python_literals():
         "small_input": True, "drop_rate": 0.2, "block_config": (4, 8, 8), "style": "d2l"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_model_args(["small_input"])
+
+
+def test_an_unknown_export_format_is_one_line_listing_the_formats(tmp_path, capsys):
+    from moderncnn.cli import main
+    from moderncnn.exported import FORMATS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path), "--format", "tflite"])
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and "invalid choice: 'tflite'" in error[0]
+    assert all(f"'{fmt}'" in error[0] for fmt in FORMATS)
