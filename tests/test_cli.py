@@ -109,3 +109,14 @@ def test_an_unknown_export_format_is_one_line_listing_the_formats(tmp_path, caps
     error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error) == 1 and "invalid choice: 'tflite'" in error[0]
     assert all(f"'{fmt}'" in error[0] for fmt in FORMATS)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "half"])
+def test_eval_tta_below_takes_a_probability(value, capsys):
+    from moderncnn.cli import main
+    assert _subparser("eval").parse_args(["run", "--tta", "2", "--tta-below", "0.7"]).tta_below == 0.7
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "run", "--tta-below", value])
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert error == [f"moderncnn eval: error: argument --tta-below: expected a probability in (0, 1], got '{value}'"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import moderncnn
+from moderncnn.runs import UsageError
 from moderncnn.training import TrainConfig, resolve_config
 from moderncnn.training.init import whiten_first_conv
 from moderncnn.training.loop import evaluate, tta_logits, tta_views
@@ -39,6 +40,53 @@ def test_tta_logits_are_the_weighted_mean_over_views():
         expected = sum(w * model(v) for w, v in tta_views(x, 2))
         assert torch.allclose(tta_logits(model, x, 2), expected, atol=1e-6)
         assert torch.allclose(tta_logits(model, x, True), (model(x) + model(x.flip(3))) / 2, atol=1e-6)
+
+
+class _CountingModel(nn.Module):
+    """A position-sensitive linear model that counts the images it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.images = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.net(x)
+
+
+def test_selective_tta_gives_the_views_only_to_the_doubtful_images():
+    torch.manual_seed(0)
+    model, x = _CountingModel().eval(), torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        model.net[1].weight.mul_(torch.linspace(0.1, 3, 3).view(3, 1))  # a spread of confidences
+        plain, full = model(x), tta_logits(model, x, 2)
+        top = plain.softmax(1).amax(1)
+        below = float(top.median())
+        doubtful = top < below
+        assert 0 < int(doubtful.sum()) < len(x)
+        model.images = 0
+        selective = tta_logits(model, x, 2, below=below)
+    # the plain pass for all, then five more views of the doubtful ones only
+    assert model.images == len(x) + 5 * int(doubtful.sum())
+    assert torch.allclose(selective[doubtful], full[doubtful], atol=1e-6)
+    assert torch.equal(selective[~doubtful], plain[~doubtful])
+    with torch.no_grad():
+        assert torch.equal(tta_logits(model, x, 2, below=1e-9), plain)  # nobody in doubt: no views
+        assert torch.allclose(tta_logits(model, x, 2, below=1.0), full, atol=1e-6)
+
+
+def test_tta_below_is_checked_and_named_in_the_report(tmp_path):
+    with pytest.raises(UsageError, match=r"tta_below must be in \(0, 1\]"):
+        resolve_config(TrainConfig(tta=2, tta_below=0.0))
+    data_dir = make_mnist(tmp_path / "mnist", n_train=128, n_test=64, learnable=True)
+    result = moderncnn.train(dataset="mnist", data_dir=str(data_dir), model="densenet_bc_fmnist", epochs=1,
+                             batch_size=64, out=str(tmp_path), name="run", progress=False, augment="none", tta=2,
+                             tta_below=0.9)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "for the images whose plain top probability is under 0.9" in report
+    assert f"--tta 2 --tta-below 0.9`" in report
+    preds = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)
+    assert (preds["predictions"] == preds["labels"]).float().mean().item() == pytest.approx(result.final_acc)
 
 
 def test_evaluate_tta_level_changes_only_a_position_sensitive_model():

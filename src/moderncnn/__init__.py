@@ -32,10 +32,10 @@ def train(config=None, explicit=None, callbacks=(), *, model=None, dataset=None,
           warmup=None, weight_decay=None, label_smoothing=None, ema=None, grad_clip=None, augment=None,
           rrc_scale=None, normalize=None, init=None, model_kwargs=None, subset=None, val_split=None, recipe=None,
           seed=None, device=None, amp=None, fp32_precision=None, channels_last=None, compile=None, out=None,
-          name=None, resume=None, progress=None, quiet=None, tensorboard=None, tta=None, budget=None, sync_bn=None,
-          pretrained=None, freeze_backbone=None, head_lr_mult=None, val_fraction=None, resize=None, data_cache=None,
-          cache_dir=None, decode_workers=None, strict_data=None, progressive_size=None, progressive_fraction=None,
-          eval_every=None):
+          name=None, resume=None, progress=None, quiet=None, tensorboard=None, tta=None, tta_below=None, budget=None,
+          sync_bn=None, pretrained=None, freeze_backbone=None, head_lr_mult=None, val_fraction=None, resize=None,
+          data_cache=None, cache_dir=None, decode_workers=None, strict_data=None, progressive_size=None,
+          progressive_fraction=None, eval_every=None):
     """Train a model: ``moderncnn.train(model="resnet18", dataset="cifar10", epochs=5)`` or
     ``moderncnn.train(TrainConfig(...))``. The keyword options are :class:`TrainConfig`'s fields, the command
     line's flags (None: the recipe decides); ``explicit`` names fields the recipe must not change; ``callbacks``

@@ -37,6 +37,16 @@ def _budget(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}")
+    return value
+
+
 def _amp_choice(value: str) -> str:
     from .runs import normalize_amp
     try:
@@ -90,7 +100,7 @@ _TRAIN_GROUPS = {
              "progressive_size", "progressive_fraction"),
     "optimisation": ("batch_size", "lr", "optimizer", "muon_lr", "momentum", "muon_momentum", "muon_normalize",
                      "bias_lr", "first_conv_bias_epochs", "weight_decay", "label_smoothing", "ema", "grad_clip"),
-    "schedule": ("epochs", "schedule", "warmup", "budget", "eval_every", "tta"),
+    "schedule": ("epochs", "schedule", "warmup", "budget", "eval_every", "tta", "tta_below"),
     "precision": ("amp", "fp32_precision", "channels_last", "compile", "device"),
     "output": ("out", "name", "progress", "quiet", "tensorboard"),
 }
@@ -270,6 +280,9 @@ def _eval_arguments(p):
     p.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
     p.add_argument("--tta", type=int, nargs="?", const=1, default=0, metavar="LEVEL",
                    help="test-time augmentation: 1 (the flag alone) flip, 2 flip + one-pixel shifts (default: 0)")
+    p.add_argument("--tta-below", type=_probability, default=1.0, metavar="P",
+                   help="the TTA views only for the images whose plain top probability is under P (default: 1, "
+                        "every image)")
     p.add_argument("--device", default="auto", help="(default: auto)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: a line of text)")
 
@@ -277,7 +290,7 @@ def _eval_arguments(p):
 def cmd_eval(args) -> int:
     from .predict import evaluate_checkpoint
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.subset, args.batch_size, args.tta,
-                            args.device)
+                            args.device, tta_below=args.tta_below)
     if args.json:
         _json_line({"model": r.model, "dataset": r.dataset, "images": r.images, "loss": r.loss,
                     "accuracy": r.accuracy, "checkpoint": str(r.checkpoint)})

@@ -54,9 +54,10 @@ class Evaluation:
 
 def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optional[str] = None,
                         subset: Optional[int] = None, batch_size: int = 256, tta: int = 0,
-                        device: str = "auto") -> Evaluation:
+                        device: str = "auto", tta_below: float = 1.0) -> Evaluation:
     """Test loss and accuracy of a run (the checkpoint it evaluates with) or a checkpoint file, on its own
-    dataset's test split or on ``dataset`` / ``data_dir``, preprocessed as in training."""
+    dataset's test split or on ``dataset`` / ``data_dir``, preprocessed as in training; ``tta`` and
+    ``tta_below`` as in :func:`~moderncnn.training.loop.evaluate`."""
     from .data import Loader, load_dataset
     from .training.loop import evaluate
     from .training.resolve import pick_device
@@ -86,7 +87,7 @@ def evaluate_checkpoint(source, dataset: Optional[str] = None, data_dir: Optiona
                          f"{spec.in_chans}-channel images")
     loader = Loader(test, batch_size, train=False, image_size=spec.image_size, device=device, mean=spec.mean,
                     std=spec.std, eval_crop=spec.eval_crop)
-    loss, acc = evaluate(model, loader, tta=tta)
+    loss, acc = evaluate(model, loader, tta=tta, tta_below=tta_below)
     return Evaluation(spec.model_name, dataset, len(test), loss, acc, path)
 
 

@@ -144,6 +144,8 @@ class TrainConfig:
         "help": "write TensorBoard event files to RUN/tensorboard/ (pip install 'moderncnn[tensorboard]')"})
     tta: Optional[int] = _option("test-time augmentation of the final evaluation: 1 (the flag alone) flip, "
                                  "2 flip + one-pixel shifts, 0 off")
+    tta_below: Optional[float] = _option("give the TTA views only to the test images whose plain top probability "
+                                         "is under this (selective TTA; 1: every image)")
     budget: Optional[float] = _option("train for about this long (90s, 10m, 1.5h or seconds): the epochs are "
                                       "planned from measured times so the schedule ends with the budget")
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm under torchrun (CUDA)"})

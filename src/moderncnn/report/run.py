@@ -16,12 +16,13 @@ from .summary import human
 __all__ = ["write_run_report"]
 
 
-def _tta_words(level) -> str:
+def _tta_words(level, below: float = 1.0) -> str:
     level = int(level or 0)
     if not level:
         return ""
     views = "flip" if level == 1 else "flip + one-pixel shifts"
-    return f", TTA level {level} ({views}) on the last epoch's test figures"
+    which = f" for the images whose plain top probability is under {below:g}" if below < 1 else ""
+    return f", TTA level {level} ({views}){which} on the last epoch's test figures"
 
 
 def _progressive_words(cfg, full: int) -> str:
@@ -96,7 +97,7 @@ def _settings_rows(run: Run, classes: List[str]) -> List[str]:
         f"{', warmup ' + str(cfg.warmup) + ' epochs' if cfg.warmup else ''}, batch {cfg.batch_size}, "
         f"weight decay {cfg.weight_decay:g}, label smoothing {cfg.label_smoothing:g}, augmentation {augment}"
         f"{', EMA ' + str(cfg.ema) if cfg.ema else ''}{_progressive_words(cfg, spec.image_size)}"
-        f"{_budget_words(cfg, len(run.history))}{_tta_words(cfg.tta)}{', init ' + cfg.init if cfg.init else ''} |",
+        f"{_budget_words(cfg, len(run.history))}{_tta_words(cfg.tta, cfg.tta_below)}{', init ' + cfg.init if cfg.init else ''} |",
         f"| seed | {cfg.seed} |",
         f"| precision | {info.precision}{_skipped_words(run.history)}"
         f"{'' if cfg.fp32_precision == 'highest' else f'; float32 matrix products: {cfg.fp32_precision}'} |",
@@ -146,6 +147,8 @@ def _epoch_rows(run: Run) -> List[str]:
 
 def _checkpoint_note(run: Run) -> str:
     tta = f" --tta {int(run.config.tta)}" if run.config.tta else ""
+    if run.config.tta and run.config.tta_below < 1:
+        tta += f" --tta-below {run.config.tta_below:g}"
     use = f"`moderncnn eval {run.path}{tta}`, `moderncnn predict {run.path} IMAGE...`"
     if _chosen(run) is not None:
         return (f"Checkpoints: `best.pt`, the epoch chosen on validation accuracy ({use}), and `last.pt` "

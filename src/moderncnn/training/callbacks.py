@@ -210,8 +210,9 @@ class ReportWriter(Callback):
             whole = Loader(run.test_set, loader.batch_size, train=False, image_size=loader.image_size,
                            device=loader.device, mean=loader.mean_values, std=loader.std_values,
                            channels_last=loader.channels_last)
-            _, acc, *predictions = evaluate(run.eval_model, whole, tta=int(run.cfg.tta or 0), amp_dtype=run.amp_dtype,
-                                          return_predictions=True)
+            _, acc, *predictions = evaluate(run.eval_model, whole, tta=int(run.cfg.tta or 0),
+                                            tta_below=run.cfg.tta_below, amp_dtype=run.amp_dtype,
+                                            return_predictions=True)
         preds, probs = predictions
         test = run.test_set
         # A fixed random sample (seed 0) for the prediction grid: image folders are sorted by class, so the

@@ -22,7 +22,7 @@ __all__ = ["TrainConfig", "Recipe", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDG
 DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
-    augment="crop+flip", normalize=True, init=None, tta=False, progressive_size=0, progressive_fraction=0.7,
+    augment="crop+flip", normalize=True, init=None, tta=False, tta_below=1.0, progressive_size=0, progressive_fraction=0.7,
     eval_every=1, channels_last=False, muon_normalize=False, first_conv_bias_epochs=0.0,
 )
 
@@ -195,6 +195,7 @@ _RANGES = {"lr": (0, math.inf, False, False), "muon_lr": (0, math.inf, False, Fa
            "weight_decay": (0, math.inf, True, False), "label_smoothing": (0, 1, True, False),
            "ema": (0, 1, True, False), "grad_clip": (0, math.inf, True, False),
            "head_lr_mult": (0, math.inf, False, False), "progressive_fraction": (0, 1, False, True),
+           "tta_below": (0, 1, False, True),
            "budget": (0, math.inf, False, False), "val_split": (0, math.inf, False, False),
            "val_fraction": (0, 1, False, False)}
 
