@@ -5,6 +5,7 @@ import os
 import pickle
 import threading
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,34 @@ def test_augment_spec_parsing():
     assert Augment.parse("crop2+altflip") == Augment(2, "reflect", True, 0.0, alternate_flip=True)
     with pytest.raises(ValueError, match="crop and crop2 exclude each other"):
         Augment.parse("crop+crop2")
+
+
+def test_jpeg_reencoding_changes_half_the_batch_as_pillow_would():
+    assert Augment.parse("crop2+altflip+jpeg").jpeg_quality == 50
+    assert Augment.parse("jpeg30").jpeg_quality == 30 and Augment.parse("jpeg30").enabled
+    with pytest.raises(ValueError, match="lowest quality from 1 to 95"):
+        Augment.parse("jpeg99")
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (64, 3, 4, 4)), np.ones((1, 1, 8, 8))).astype(np.uint8)
+    images = torch.from_numpy(smooth + rng.integers(0, 20, smooth.shape).astype(np.uint8))  # blocks and noise
+    ds = ImageDataset(images, torch.zeros(64, dtype=torch.long), ["x"], "blocks")
+    loader = Loader(ds, 64, augment="jpeg90", seed=0, mean=[0.0] * 3, std=[1 / 255] * 3)  # x == the bytes
+    x = next(iter(loader.iterate(0)))[0].round().to(torch.uint8)
+    order = loader.indices(0)
+    changed = (x != images[order]).flatten(1).any(1)
+    assert 16 < int(changed.sum()) < 48  # a random half
+    # a re-encoded image is what Pillow makes of it at one of the qualities in [90, 95]
+    i = int(changed.nonzero()[0])
+    original = Image.fromarray(images[order[i]].permute(1, 2, 0).numpy())
+    errors = []
+    for quality in range(90, 96):
+        buffer = BytesIO()
+        original.save(buffer, "JPEG", quality=quality)
+        pillow = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1).float()
+        errors.append((pillow - x[i].float()).abs().mean().item())
+    assert min(errors) == 0.0 < max(errors), errors
+    # resumable: the same epoch and seed give the same bytes
+    assert torch.equal(next(iter(loader.iterate(0)))[0], next(iter(loader.iterate(0)))[0])
 
 
 def test_crop_padding_from_the_spec_bounds_the_shift():

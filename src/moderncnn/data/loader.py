@@ -3,18 +3,20 @@ augmentation runs per batch on that device with per-sample randomness -- no per-
 worker processes (airbench's approach, applied to every dataset)."""
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .base import ImageDataset, normalization_stats
 
 __all__ = ["Augment", "Loader", "random_erasing", "resize", "crop_flip_gather", "random_resized_crop", "center_crop",
-           "RRC_STORAGE_RATIO"]
+           "jpeg_reencode", "RRC_STORAGE_RATIO"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Augment:
         erasing: probability of random erasing (a rectangle set to the mean), 0: off.
         rrc: random-resized-crop (the ImageNet recipes' augmentation): a random box of ``rrc_scale`` of
             the area and an aspect ratio in [3/4, 4/3], resized to the training size.
+        jpeg_quality: re-encode a random half of each batch as JPEG at a random quality between this and 95
+            (0: off): the artefacts of a JPEG dataset, varied.
     """
 
     crop_padding: int = 4
@@ -40,12 +44,14 @@ class Augment:
     alternate_flip: bool = False
     rrc: bool = False
     rrc_scale: Tuple[float, float] = (0.35, 1.0)
+    jpeg_quality: int = 0
 
     @classmethod
     def parse(cls, spec: Union[str, "Augment", bool, None]) -> "Augment":
         """"none", "crop", "flip", "crop+flip", "crop+flip+erase", "rrc+flip", with "altflip" for the
-        alternating flip in place of "flip" and "cropN" for a crop padded by N pixels instead of 4 (e.g.
-        "crop2+flip"; or an Augment, or True/False)."""
+        alternating flip in place of "flip", "cropN" for a crop padded by N pixels instead of 4 (e.g.
+        "crop2+flip") and "jpeg" (or "jpegN", N the lowest quality, default 50) for JPEG re-encoding; or an
+        Augment, or True/False)."""
         if isinstance(spec, Augment):
             return spec
         if spec is None or spec is True:
@@ -54,10 +60,17 @@ class Augment:
             return cls(crop_padding=0, flip=False, erasing=0.0)
         parts = set(str(spec).replace(",", "+").split("+"))
         crops = {p for p in parts if re.fullmatch(r"crop\d*", p)}
-        unknown = parts - crops - {"flip", "altflip", "erase", "rrc"}
+        jpeg = {p for p in parts if re.fullmatch(r"jpeg\d*", p)}
+        unknown = parts - crops - jpeg - {"flip", "altflip", "erase", "rrc"}
         if unknown:
             raise ValueError(f"unknown augmentation {', '.join(sorted(unknown))}; use crop (or cropN, N pixels of "
-                             f"padding) or rrc, flip (or altflip), erase joined by +")
+                             f"padding) or rrc, flip (or altflip), erase, jpeg (or jpegN, N the lowest quality) "
+                             f"joined by +")
+        quality = 0
+        if jpeg:
+            quality = int(jpeg.pop()[4:] or 50) if len(jpeg) == 1 else -1
+            if not 1 <= quality <= 95:
+                raise ValueError("augmentation: one jpegN, N the lowest quality from 1 to 95")
         if len(crops) > 1 or (crops and "rrc" in parts):
             raise ValueError(f"augmentation: {' and '.join(sorted(crops | (parts & {'rrc'})))} exclude each other; "
                              f"use one crop")
@@ -65,11 +78,12 @@ class Augment:
         if {"flip", "altflip"} <= parts:
             raise ValueError("augmentation: flip and altflip exclude each other; use one")
         return cls(crop_padding=padding, flip=bool(parts & {"flip", "altflip"}),
-                   erasing=0.25 if "erase" in parts else 0.0, alternate_flip="altflip" in parts, rrc="rrc" in parts)
+                   erasing=0.25 if "erase" in parts else 0.0, alternate_flip="altflip" in parts, rrc="rrc" in parts,
+                   jpeg_quality=quality)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.erasing or self.rrc)
+        return bool(self.crop_padding or self.flip or self.erasing or self.rrc or self.jpeg_quality)
 
 
 # torchvision's ImageNet convention: images stored at 256 for a 224 crop.
@@ -124,6 +138,24 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float = 0.25,
     in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & apply[:, None, None])[:, None]
     return x.masked_fill(mask, value)
+
+
+def jpeg_reencode(images: torch.Tensor, generator: Optional[torch.Generator], lowest: int,
+                  p: float = 0.5) -> torch.Tensor:
+    """JPEG-encode and decode (Pillow, in memory) a random ``p`` of a uint8 batch (N x C x H x W), each image
+    at a random quality in [``lowest``, 95]."""
+    from PIL import Image
+    n = images.shape[0]
+    chosen = torch.rand(n, device=images.device, generator=generator) < p
+    quality = torch.randint(lowest, 96, (n,), device=images.device, generator=generator)
+    out = images.cpu().clone()
+    pixels = out.permute(0, 2, 3, 1).numpy()  # a view: decoded bytes are written back in place
+    for i, q in zip(chosen.nonzero().flatten().tolist(), quality[chosen].tolist()):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[i].squeeze(-1) if pixels.shape[-1] == 1 else pixels[i]).save(buffer, "JPEG",
+                                                                                            quality=q)
+        pixels[i] = np.asarray(Image.open(buffer)).reshape(pixels[i].shape)
+    return out.to(images.device)
 
 
 def _reflect(pos: torch.Tensor, size: int) -> torch.Tensor:
@@ -290,6 +322,8 @@ class Loader:
 
     def _finish(self, images: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         aug = self.augment
+        if self.train and aug.jpeg_quality:
+            images = jpeg_reencode(images, generator, aug.jpeg_quality)
         x = images.float()
         size = self.image_size or tuple(x.shape[-2:])
         if self.train and aug.rrc:
