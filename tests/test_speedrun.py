@@ -55,6 +55,8 @@ def test_speedrun_recipe_resolves_to_the_airbench_method():
     assert cfg.bias_lr == pytest.approx(0.053 * cfg.batch_size)
     assert (cfg.label_smoothing, cfg.augment, cfg.tta, cfg.first_conv_bias_epochs) == (0.2, "crop2+altflip", 2, 3)
     assert cfg.amp == "auto" and cfg.channels_last
+    # tuned on validation: epochs 1-2 at 24x24, 3-4 at 28x28; TTA for the images under 0.7 only
+    assert (cfg.progressive_size, cfg.progressive_fraction, cfg.tta_below) == (24, 0.5, 0.7)
     assert "muon lr 0.24 momentum 0.6" in cfg.describe_optimizer() and "norms and biases at lr 53" in cfg.describe_optimizer()
 
 

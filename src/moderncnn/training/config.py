@@ -75,8 +75,9 @@ RECIPES: Dict[str, Recipe] = {
     "cifar10-speedrun": Recipe("airbench94_muon's method (Jordan, arXiv 2404.00498) on vgg_airbench: CIFAR-10 "
                                "at speed", dict(
         dataset="cifar10", model="vgg_airbench", epochs=8, batch_size=1000, optimizer="muon", muon_lr=0.24,
-        momentum=0.85, schedule="linear", warmup=0.0, label_smoothing=0.2, augment="crop2+altflip", tta=2, ema=0.0,
-        channels_last=True, amp="auto", eval_every=0, progressive_size=0),
+        momentum=0.85, schedule="linear", warmup=0.0, label_smoothing=0.2, augment="crop2+altflip", tta=2,
+        tta_below=0.7, ema=0.0, channels_last=True, amp="auto", eval_every=0, progressive_size=24,
+        progressive_fraction=0.5),
         model_options=dict(lr=670.0, bias_lr=53.0, weight_decay=3e-6, muon_momentum=0.6, muon_normalize=True,
                            init="whiten", first_conv_bias_epochs=3)),
     "cifar10-gpu": Recipe("DenseNet-BC (L=100, k=12) on CIFAR-10 in minutes of one GPU", dict(
