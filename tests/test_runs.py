@@ -128,6 +128,7 @@ def test_a_run_written_before_format_version_2_migrates(validated_run, tmp_path)
     info = json.loads((run / "config.json").read_text())
     info.pop("format_version")
     info["config"].pop("val_split")
+    info["config"].pop("tta_below")  # older than selective TTA: every test image got the views
     (old / "config.json").write_text(json.dumps(info))
     fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second",
               "tta", "train_size", "train_images"]  # version 1's columns
@@ -141,6 +142,7 @@ def test_a_run_written_before_format_version_2_migrates(validated_run, tmp_path)
     loaded = load_run(old)
     assert loaded.info.format_version == 1 and loaded.history[0].val_acc is None
     assert loaded.config.val_split is None and loaded.summary.final_acc == summary["final_acc"]
+    assert loaded.config.tta_below == 1.0
     # version 1's best.pt was chosen on the test set: the final weights are used instead
     assert loaded.weights_path == old / "last.pt" and resolve_checkpoint(old) == old / "last.pt"
     assert moderncnn.load_model(old).classes == [str(i) for i in range(10)]

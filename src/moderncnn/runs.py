@@ -290,6 +290,7 @@ def _migrate_config(config: Dict[str, Any], version: int) -> Dict[str, Any]:
     config = dict(config)  # version 1 lacks val_split: its default (None) is what those runs did
     if version == 1:
         config.setdefault("resize", "squash")  # how version 1 resized image folders
+    config.setdefault("tta_below", 1.0)  # runs written before selective TTA gave every test image the views
     return config
 
 
