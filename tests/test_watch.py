@@ -208,3 +208,22 @@ def test_quiet_training_prints_only_the_final_line(data_dir, tmp_path, capsys):
                  "--batch-size", "64", "--out", str(tmp_path), "--name", "q"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("done: final test accuracy")
+
+
+def test_curves_keep_the_tta_scored_epoch_out_of_the_plain_test_line():
+    from matplotlib.figure import Figure
+    from moderncnn.report.plots import draw_curves
+    from moderncnn.runs import EpochRecord
+    history = [EpochRecord(e, train_loss=2.0 / e, train_acc=0.2 * e, lr=0.1, seconds=1.0, images_per_second=1.0,
+                           test_loss=1.5 / e, test_acc=0.2 * e) for e in (1, 2)]
+    history.append(EpochRecord(3, train_loss=0.5, train_acc=0.7, lr=0.0, seconds=1.0, images_per_second=1.0, tta=2,
+                               test_loss=0.4, test_acc=0.72))
+    ax_loss, ax_acc = draw_curves(Figure(), history).axes
+    lines = {line.get_label(): list(line.get_xdata()) for line in ax_acc.get_lines()}
+    assert lines["test acc"] == [1, 2] and lines["test acc with TTA (level 2)"] == [3]
+    # scored only at the end, with TTA (the speed run): no empty plain test entry in either legend
+    only_last = [EpochRecord(e, train_loss=1.0, train_acc=0.5, lr=0.1, seconds=1.0, images_per_second=1.0)
+                 for e in (1, 2)] + history[-1:]
+    for ax in draw_curves(Figure(), only_last).axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert not {"test loss", "test acc"} & set(labels) and any("with TTA" in t for t in labels)

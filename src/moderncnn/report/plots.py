@@ -53,7 +53,8 @@ def draw_curves(fig: Figure, history: Sequence[EpochRecord], title: str = "", la
     ax_loss.plot(epochs, [r.train_loss for r in history], "o-", label=train_label)
     ax_acc.plot(epochs, [r.train_acc for r in history], "o-", label="train acc")
     _plot_split(ax_loss, ax_acc, history, "val", "^-.")
-    _plot_split(ax_loss, ax_acc, history, "test", "s--")
+    # the plain test figures only: a TTA-scored epoch has its own marker below (a line to it would join two kinds)
+    _plot_split(ax_loss, ax_acc, [r for r in history if not r.tta], "test", "s--")
     # Epochs scored with test-time augmentation (the last one, where a recipe asks for it) get their own
     # marker: the step up there is the augmentation's, not one more epoch's learning.
     tta_rows = [r for r in history if r.tta and r.scored]
