@@ -97,7 +97,8 @@ def _settings_rows(run: Run, classes: List[str]) -> List[str]:
         f"{', warmup ' + str(cfg.warmup) + ' epochs' if cfg.warmup else ''}, batch {cfg.batch_size}, "
         f"weight decay {cfg.weight_decay:g}, label smoothing {cfg.label_smoothing:g}, augmentation {augment}"
         f"{', EMA ' + str(cfg.ema) if cfg.ema else ''}{_progressive_words(cfg, spec.image_size)}"
-        f"{_budget_words(cfg, len(run.history))}{_tta_words(cfg.tta, cfg.tta_below)}{', init ' + cfg.init if cfg.init else ''} |",
+        f"{_budget_words(cfg, len(run.history))}{_tta_words(cfg.tta, cfg.tta_below)}"
+        f"{', init ' + cfg.init if cfg.init else ''} |",
         f"| seed | {cfg.seed} |",
         f"| precision | {info.precision}{_skipped_words(run.history)}"
         f"{'' if cfg.fp32_precision == 'highest' else f'; float32 matrix products: {cfg.fp32_precision}'} |",

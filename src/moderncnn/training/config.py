@@ -22,8 +22,8 @@ __all__ = ["TrainConfig", "Recipe", "RECIPES", "D2L_SETTINGS", "DEFAULTS", "BUDG
 DEFAULTS: Dict[str, Any] = dict(
     model="densenet_bc_fmnist", epochs=10, batch_size=128, lr=None, optimizer="sgd", momentum=0.9,
     schedule="onecycle", warmup=0.0, weight_decay=5e-4, label_smoothing=0.1, ema=0.0, grad_clip=0.0,
-    augment="crop+flip", normalize=True, init=None, tta=False, tta_below=1.0, progressive_size=0, progressive_fraction=0.7,
-    eval_every=1, channels_last=False, muon_normalize=False, first_conv_bias_epochs=0.0,
+    augment="crop+flip", normalize=True, init=None, tta=False, tta_below=1.0, progressive_size=0,
+    progressive_fraction=0.7, eval_every=1, channels_last=False, muon_normalize=False, first_conv_bias_epochs=0.0,
 )
 
 # The most epochs a run with a time budget plans when --epochs is not given (a bound for the planner's

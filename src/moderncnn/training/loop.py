@@ -85,21 +85,16 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, below: float = 1.0
     plain prediction's top probability is under ``below`` get the other views (selective TTA, as in
     hiverge's CIFAR-10 speed run): the confident ones keep their plain logits, and the views cost in
     proportion to the doubt."""
-    if below >= 1.0 or level <= 0:
-        total = None
-        for weight, view in tta_views(x, int(level)):
-            out = model(view).float() * weight
-            total = out if total is None else total + out
-        return total
     plain = model(x).float()
-    unsure = plain.softmax(1).amax(1) < below
-    if not unsure.any():
+    every = below >= 1.0
+    unsure = None if every else plain.softmax(1).amax(1) < below
+    if level <= 0 or not (every or unsure.any()):
         return plain
-    (weight, _), *others = tta_views(x[unsure], int(level))  # the first view is the image itself
-    total = plain[unsure] * weight
+    (weight, _), *others = tta_views(x if every else x[unsure], int(level))  # the first view is x itself
+    total = (plain if every else plain[unsure]) * weight
     for weight, view in others:
         total = total + model(view).float() * weight
-    return plain.index_put((unsure,), total)
+    return total if every else plain.index_put((unsure,), total)
 
 
 @torch.no_grad()
